@@ -1,0 +1,653 @@
+"""The index database: the source of truth for every instance, study, job, output and alert.
+
+SQLAlchemy Core over SQLite (default, WAL, synchronous FULL) or PostgreSQL. The queue only
+dispatches; whatever the index says is unfinished is re-enqueued after a crash or restart.
+Times are UTC seconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from dicom_node.errors import OutOfResources
+
+
+class StudyStatus(StrEnum):
+    RECEIVING = "receiving"  # instances arriving; completes at release or after the quiet period
+    QUEUED = "queued"  # a job was created and handed to the broker
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    IGNORED = "ignored"  # no pipeline applies; the reason says why
+
+
+class JobStatus(StrEnum):
+    CREATED = "created"  # in the index, not yet accepted by the broker
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+metadata = sa.MetaData()
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("sop_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("modality", sa.String(16), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("modality", sa.String(16), nullable=False),
+    sa.Column("urgent", sa.Boolean, nullable=False, default=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("instance_count", sa.Integer, nullable=False),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    # When the study is due to complete; completion timers live here, not in memory.
+    sa.Column("complete_after", sa.Float, nullable=True, index=True),
+    sa.Column("completed_at", sa.Float, nullable=True),
+    sa.Column("runs", sa.Integer, nullable=False, default=0),
+    sa.Column("reason", sa.Text, nullable=True),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("job_id", sa.String(36), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("pipeline", sa.String(32), nullable=False),
+    sa.Column("queue", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("enqueued_at", sa.Float, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("result_json", sa.Text, nullable=True),
+)
+
+outputs = sa.Table(
+    "outputs",
+    metadata,
+    sa.Column("sop_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("job_id", sa.String(36), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False),
+    sa.Column("destination", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("sop_instance_uid", "destination"),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("finding", sa.String(64), nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    # One alert per study, finding and channel: re-runs do not re-alert.
+    sa.UniqueConstraint("study_instance_uid", "finding", "channel"),
+)
+
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    path: str
+    size_bytes: int
+    calling_aet: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    status: StudyStatus
+    modality: str
+    urgent: bool
+    calling_aet: str
+    instance_count: int
+    first_received_at: float
+    last_received_at: float
+    complete_after: float | None
+    completed_at: float | None
+    runs: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    study_instance_uid: str
+    pipeline: str
+    queue: str
+    status: JobStatus
+    created_at: float
+    enqueued_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    error: str | None
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class QuarantineRow:
+    id: str
+    received_at: float
+    calling_aet: str
+    status_code: int
+    reason: str
+    path: str
+    sop_instance_uid: str | None
+
+
+def _study(row: Any) -> StudyRow:
+    m = row._mapping
+    return StudyRow(**{**m, "status": StudyStatus(m["status"])})
+
+
+def _job(row: Any) -> JobRow:
+    m = dict(row._mapping)
+    raw = m.pop("result_json")
+    return JobRow(
+        **{**m, "status": JobStatus(m["status"]), "result": json.loads(raw) if raw else None}
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the one writer; FULL makes a committed row survive power loss.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for the index URL with the durability settings the index needs."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+
+
+class Index:
+    """Typed operations on the index database; every method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- instances and studies -------------------------------------------------------------
+
+    def record_instance(self, rec: InstanceRecord, *, urgent: bool, complete_after: float) -> bool:
+        """Record a stored instance and its study; return False for an already known instance.
+
+        An instance that arrives for a study that already finished reopens it, so a new run sees
+        the late image.
+        """
+        try:
+            with self._tx() as conn:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(instances.insert().values(**rec.__dict__))
+                except IntegrityError:
+                    return False
+                existing = conn.execute(
+                    sa.select(studies.c.status, studies.c.urgent)
+                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
+                    .with_for_update()
+                ).first()
+                if existing is None:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(
+                                studies.insert().values(
+                                    study_instance_uid=rec.study_instance_uid,
+                                    status=StudyStatus.RECEIVING,
+                                    modality=rec.modality,
+                                    urgent=urgent,
+                                    calling_aet=rec.calling_aet,
+                                    instance_count=1,
+                                    first_received_at=rec.received_at,
+                                    last_received_at=rec.received_at,
+                                    complete_after=complete_after,
+                                    runs=0,
+                                )
+                            )
+                            return True
+                    except IntegrityError:
+                        pass  # another association created the study first: update it below
+                conn.execute(
+                    studies.update()
+                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
+                    .values(
+                        status=StudyStatus.RECEIVING,
+                        urgent=sa.or_(studies.c.urgent, sa.literal(urgent)),
+                        instance_count=studies.c.instance_count + 1,
+                        last_received_at=rec.received_at,
+                        complete_after=sa.func.max(
+                            sa.func.coalesce(studies.c.complete_after, 0), complete_after
+                        )
+                        if self.engine.dialect.name == "sqlite"
+                        else sa.func.greatest(
+                            sa.func.coalesce(studies.c.complete_after, 0), complete_after
+                        ),
+                        reason=None,
+                    )
+                )
+                return True
+        except SQLAlchemyError as exc:
+            raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+
+    def release_studies(self, study_uids: Sequence[str], now: float) -> None:
+        """The sending association released: these (CR/DX) studies are complete now."""
+        if not study_uids:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                studies.update()
+                .where(studies.c.study_instance_uid.in_(list(study_uids)))
+                .where(studies.c.status == StudyStatus.RECEIVING)
+                .values(complete_after=now)
+            )
+
+    def due_studies(self, now: float) -> list[StudyRow]:
+        """Studies whose completion time has come."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(studies)
+                .where(studies.c.status == StudyStatus.RECEIVING)
+                .where(studies.c.complete_after <= now)
+                .order_by(studies.c.urgent.desc(), studies.c.complete_after)
+            ).all()
+        return [_study(r) for r in rows]
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(studies).where(studies.c.study_instance_uid == study_uid)
+            ).first()
+        return _study(row) if row else None
+
+    def list_studies(self, limit: int = 100) -> list[StudyRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
+            ).all()
+        return [_study(r) for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(instances)
+                .where(instances.c.study_instance_uid == study_uid)
+                .order_by(instances.c.received_at)
+            ).all()
+        return [InstanceRecord(**r._mapping) for r in rows]
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(instances).where(instances.c.sop_instance_uid == sop_uid)
+            ).first()
+        return InstanceRecord(**row._mapping) if row else None
+
+    def ignore_study(self, study_uid: str, reason: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                studies.update()
+                .where(studies.c.study_instance_uid == study_uid)
+                .values(status=StudyStatus.IGNORED, reason=reason, completed_at=now)
+            )
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def create_job(self, study_uid: str, pipeline: str, queue: str, now: float) -> str:
+        """Complete a study and create its job (status created) in one transaction."""
+        job_id = str(uuid.uuid4())
+        with self._tx() as conn:
+            conn.execute(
+                jobs.insert().values(
+                    job_id=job_id,
+                    study_instance_uid=study_uid,
+                    pipeline=pipeline,
+                    queue=queue,
+                    status=JobStatus.CREATED,
+                    created_at=now,
+                    attempts=0,
+                )
+            )
+            conn.execute(
+                studies.update()
+                .where(studies.c.study_instance_uid == study_uid)
+                .values(
+                    status=StudyStatus.QUEUED,
+                    completed_at=now,
+                    runs=studies.c.runs + 1,
+                    reason=None,
+                )
+            )
+        return job_id
+
+    def mark_job_enqueued(self, job_id: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .where(jobs.c.status == JobStatus.CREATED)
+                .values(status=JobStatus.QUEUED, enqueued_at=now)
+            )
+
+    def mark_job_error(self, job_id: str, error: str) -> None:
+        """Record why a job could not be handed over (it stays created and is retried)."""
+        with self._tx() as conn:
+            conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(error=error))
+
+    def jobs_to_enqueue(self) -> list[JobRow]:
+        """Jobs the broker never accepted (crash or broker down): the reconciler hands them over."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status == JobStatus.CREATED)
+                .order_by(jobs.c.created_at)
+            ).all()
+        return [_job(r) for r in rows]
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+        return _job(row) if row else None
+
+    def study_jobs(self, study_uid: str) -> list[JobRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.study_instance_uid == study_uid)
+                .order_by(jobs.c.created_at)
+            ).all()
+        return [_job(r) for r in rows]
+
+    def start_job(self, job_id: str, now: float) -> JobRow | None:
+        """Mark a job running (one more attempt); None when the job is unknown or already done."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs).where(jobs.c.job_id == job_id).with_for_update()
+            ).first()
+            if row is None or row.status == JobStatus.DONE:
+                return None
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .values(status=JobStatus.RUNNING, started_at=now, attempts=jobs.c.attempts + 1)
+            )
+            conn.execute(
+                studies.update()
+                .where(studies.c.study_instance_uid == row.study_instance_uid)
+                .where(studies.c.status == StudyStatus.QUEUED)
+                .values(status=StudyStatus.PROCESSING)
+            )
+            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+        return _job(row)
+
+    def finish_job(
+        self, job_id: str, now: float, *, result: dict[str, Any] | None, error: str | None = None
+    ) -> None:
+        """Record the end of a job and move its study to done or failed."""
+        status = JobStatus.DONE if error is None else JobStatus.FAILED
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.study_instance_uid).where(jobs.c.job_id == job_id)
+            ).first()
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .values(
+                    status=status,
+                    finished_at=now,
+                    error=error,
+                    result_json=json.dumps(result) if result is not None else None,
+                )
+            )
+            if row is not None:
+                conn.execute(
+                    studies.update()
+                    .where(studies.c.study_instance_uid == row.study_instance_uid)
+                    .where(studies.c.status.in_([StudyStatus.QUEUED, StudyStatus.PROCESSING]))
+                    .values(
+                        status=StudyStatus.DONE if error is None else StudyStatus.FAILED,
+                        reason=error,
+                    )
+                )
+
+    # --- outputs and deliveries ----------------------------------------------------------
+
+    def record_output(
+        self, sop_uid: str, study_uid: str, job_id: str, kind: str, path: str, now: float
+    ) -> None:
+        """Record a produced object; a re-run with the same UID replaces the row."""
+        with self._tx() as conn:
+            conn.execute(outputs.delete().where(outputs.c.sop_instance_uid == sop_uid))
+            conn.execute(
+                outputs.insert().values(
+                    sop_instance_uid=sop_uid,
+                    study_instance_uid=study_uid,
+                    job_id=job_id,
+                    kind=kind,
+                    path=path,
+                    created_at=now,
+                )
+            )
+
+    def study_outputs(self, study_uid: str) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(outputs).where(outputs.c.study_instance_uid == study_uid)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def record_delivery(
+        self, sop_uid: str, destination: str, now: float, *, error: str | None
+    ) -> None:
+        """Record one delivery attempt of an output to a destination."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(deliveries.c.id)
+                .where(deliveries.c.sop_instance_uid == sop_uid)
+                .where(deliveries.c.destination == destination)
+            ).first()
+            values: dict[str, Any] = {
+                "status": DeliveryStatus.DELIVERED if error is None else DeliveryStatus.PENDING,
+                "last_error": error,
+                "delivered_at": now if error is None else None,
+            }
+            if row is None:
+                conn.execute(
+                    deliveries.insert().values(
+                        sop_instance_uid=sop_uid,
+                        destination=destination,
+                        created_at=now,
+                        attempts=1,
+                        **values,
+                    )
+                )
+            else:
+                conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id == row.id)
+                    .values(attempts=deliveries.c.attempts + 1, **values)
+                )
+
+    def deliveries_of(self, sop_uid: str) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(deliveries).where(deliveries.c.sop_instance_uid == sop_uid)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    # --- alerts ----------------------------------------------------------------------------
+
+    def claim_alert(
+        self, study_uid: str, finding: str, channel: str, probability: float, now: float
+    ) -> tuple[int, bool]:
+        """Return (alert id, already delivered) creating the alert row on first sight."""
+        with self._tx() as conn:
+            try:
+                with conn.begin_nested():
+                    result = conn.execute(
+                        alerts.insert().values(
+                            study_instance_uid=study_uid,
+                            finding=finding,
+                            channel=channel,
+                            probability=probability,
+                            status=DeliveryStatus.PENDING,
+                            attempts=0,
+                            created_at=now,
+                        )
+                    )
+                    pk = result.inserted_primary_key
+                    assert pk is not None
+                    return int(pk[0]), False
+            except IntegrityError:
+                row = conn.execute(
+                    sa.select(alerts.c.id, alerts.c.status)
+                    .where(alerts.c.study_instance_uid == study_uid)
+                    .where(alerts.c.finding == finding)
+                    .where(alerts.c.channel == channel)
+                ).one()
+                return int(row.id), row.status == DeliveryStatus.DELIVERED
+
+    def record_alert_attempt(self, alert_id: int, now: float, *, error: str | None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                alerts.update()
+                .where(alerts.c.id == alert_id)
+                .values(
+                    attempts=alerts.c.attempts + 1,
+                    status=DeliveryStatus.DELIVERED if error is None else DeliveryStatus.PENDING,
+                    last_error=error,
+                    delivered_at=now if error is None else None,
+                )
+            )
+
+    def study_alerts(self, study_uid: str) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(alerts).where(alerts.c.study_instance_uid == study_uid)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def record_quarantine(
+        self,
+        *,
+        entry_id: str,
+        calling_aet: str,
+        status_code: int,
+        reason: str,
+        path: str,
+        sop_uid: str | None,
+        now: float | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                quarantine.insert().values(
+                    id=entry_id,
+                    received_at=time.time() if now is None else now,
+                    calling_aet=calling_aet,
+                    status_code=status_code,
+                    reason=reason,
+                    path=path,
+                    sop_instance_uid=sop_uid,
+                )
+            )
+
+    def list_quarantine(self, limit: int = 100) -> list[QuarantineRow]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(quarantine).order_by(quarantine.c.received_at.desc()).limit(limit)
+            ).all()
+        return [QuarantineRow(**r._mapping) for r in rows]

@@ -1,0 +1,109 @@
+"""Cheap structural checks of an encoded data set, done in the C-STORE handler without decoding.
+
+pydicom reads a truncated value without complaint, so completeness is checked here by walking the
+element headers: every declared length must fit, every undefined-length sequence and item must
+close. Nothing is decoded and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dicom_node.errors import CorruptDataset
+
+# VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+
+
+def _tag(data: memoryview, pos: int, little: bool) -> int:
+    group, element = struct.unpack_from("<HH" if little else ">HH", data, pos)
+    return int(group) << 16 | int(element)
+
+
+def _u32(data: memoryview, pos: int, little: bool) -> int:
+    return int(struct.unpack_from("<I" if little else ">I", data, pos)[0])
+
+
+def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth: int) -> int:
+    """Walk an undefined-length sequence from ``pos``; return the position after its delimiter."""
+    while True:
+        if pos + 8 > len(data):
+            raise CorruptDataset(f"sequence not closed at byte {pos}")
+        tag = _tag(data, pos, little)
+        length = _u32(data, pos + 4, little)
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
+        if length == _UNDEFINED:
+            pos = _walk_elements(data, pos, len(data), implicit, little, depth + 1, in_item=True)
+        else:
+            if pos + length > len(data):
+                raise CorruptDataset(f"item at byte {pos - 8} runs past the end of the data")
+            pos += length
+
+
+def _walk_elements(
+    data: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int, in_item: bool
+) -> int:
+    if depth > 32:
+        raise CorruptDataset("sequences nested deeper than 32 levels")
+    previous = -1
+    while pos < end:
+        if pos + 8 > end:
+            raise CorruptDataset(f"element header truncated at byte {pos}")
+        tag = _tag(data, pos, little)
+        if in_item and tag == _ITEM_END:
+            return pos + 8
+        if tag <= previous and depth == 0:
+            raise CorruptDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order")
+        previous = tag
+        if implicit:
+            vr = b""
+            length = _u32(data, pos + 4, little)
+            pos += 8
+        else:
+            vr = bytes(data[pos + 4 : pos + 6])
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise CorruptDataset(f"invalid VR at byte {pos + 4}")
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise CorruptDataset(f"element header truncated at byte {pos}")
+                length = _u32(data, pos + 8, little)
+                pos += 12
+            else:
+                length = int(struct.unpack_from("<H" if little else ">H", data, pos + 6)[0])
+                pos += 8
+        if length == _UNDEFINED:
+            # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
+            inner_implicit = implicit or vr == b"UN"
+            pos = _walk_items(data, pos, inner_implicit, little, depth)
+            continue
+        if pos + length > end:
+            name = "pixel data" if tag == _PIXEL_DATA else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            raise CorruptDataset(
+                f"{name} declares {length} bytes but only {end - pos} remain: data set truncated"
+            )
+        pos += length
+    if in_item:
+        raise CorruptDataset("item not closed before the end of the data")
+    return pos
+
+
+def check_complete(
+    dataset_bytes: bytes | memoryview, *, implicit_vr: bool, little_endian: bool
+) -> None:
+    """Raise ``CorruptDataset`` unless the encoded data set (no file meta) is structurally whole."""
+    data = memoryview(dataset_bytes)
+    if len(data) == 0:
+        raise CorruptDataset("empty data set")
+    try:
+        _walk_elements(data, 0, len(data), implicit_vr, little_endian, 0, in_item=False)
+    except struct.error as exc:
+        raise CorruptDataset(f"data set truncated: {exc}") from exc

@@ -1,0 +1,134 @@
+"""The settings file: one YAML document with a section per component, plus environment overrides.
+
+Environment variables ``PACS_AI__SECTION__KEY=value`` override the file (the value is parsed as
+YAML, so ``PACS_AI__LISTENER__PORT=11113`` is an int). Unknown keys anywhere are an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from dicom_node.settings import (
+    CompletionSettings,
+    DestinationSettings,
+    IndexSettings,
+    ListenerSettings,
+    QueueSettings,
+    StorageSettings,
+    Strict,
+)
+
+ENV_PREFIX = "PACS_AI__"
+
+
+class ClassifierSettings(Strict):
+    """A chest X-ray triage classifier, loaded from a local folder (never from a hub)."""
+
+    adapter: Literal["pacs-ai-cnn"] = "pacs-ai-cnn"
+    # Model folder. None: the demo model, built on first use in the data directory.
+    path: Path | None = None
+    # "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    # Operating points per finding; a finding not listed uses the model's own default.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    urgent_findings: list[str] = Field(default_factory=lambda: ["pneumothorax"])
+
+
+class ModelsSettings(Strict):
+    cxr_triage: ClassifierSettings = Field(default_factory=ClassifierSettings)
+
+
+class WorkerSettings(Strict):
+    """One worker process; run several (on several machines) against one broker to scale out."""
+
+    queues: list[str] = Field(default_factory=lambda: ["stat", "routine"])
+    concurrency: int = Field(default=1, ge=1)
+
+
+class OutputSettings(Strict):
+    """Where results go and how the SR names its author."""
+
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    manufacturer: str = "pacs-ai-worker"
+    institution_name: str | None = None
+
+
+class WebhookSettings(Strict):
+    url: str | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class AlertSettings(Strict):
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+
+
+class Settings(Strict):
+    """The whole settings file."""
+
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+
+    @property
+    def index_url(self) -> str:
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite3').resolve()}"
+
+
+class SettingsError(Exception):
+    """The settings file or an environment override is invalid; the message says where."""
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SettingsError(f"{name}: {part} is not a section")
+            node = child
+        node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the settings; relative paths resolve against the file's folder."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        where = str(path) if path else "environment"
+        raise SettingsError(f"invalid settings ({where}):\n{exc}") from exc
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    if not settings.storage.data_dir.is_absolute():
+        settings.storage.data_dir = (base / settings.storage.data_dir).resolve()
+    model_path = settings.models.cxr_triage.path
+    if model_path is not None and not model_path.is_absolute():
+        settings.models.cxr_triage.path = (base / model_path).resolve()
+    return settings
