@@ -18,6 +18,8 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float Pixel Data, Double Float Pixel Data.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
 def _tag(data: memoryview, pos: int, little: bool) -> int:
@@ -50,7 +52,14 @@ def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth:
 
 
 def _walk_elements(
-    data: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int, in_item: bool
+    data: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    depth: int,
+    in_item: bool,
+    seen: set[int] | None = None,
 ) -> int:
     if depth > 32:
         raise CorruptDataset("sequences nested deeper than 32 levels")
@@ -64,6 +73,8 @@ def _walk_elements(
         if tag <= previous and depth == 0:
             raise CorruptDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order")
         previous = tag
+        if seen is not None and tag in _PIXEL_TAGS:
+            seen.add(tag)
         if implicit:
             vr = b""
             length = _u32(data, pos + 4, little)
@@ -98,12 +109,17 @@ def _walk_elements(
 
 def check_complete(
     dataset_bytes: bytes | memoryview, *, implicit_vr: bool, little_endian: bool
-) -> None:
-    """Raise ``CorruptDataset`` unless the encoded data set (no file meta) is structurally whole."""
+) -> bool:
+    """Raise ``CorruptDataset`` unless the encoded data set (no file meta) is structurally whole.
+
+    Returns True when the data set carries pixel data at its top level.
+    """
     data = memoryview(dataset_bytes)
     if len(data) == 0:
         raise CorruptDataset("empty data set")
+    seen: set[int] = set()
     try:
-        _walk_elements(data, 0, len(data), implicit_vr, little_endian, 0, in_item=False)
+        _walk_elements(data, 0, len(data), implicit_vr, little_endian, 0, in_item=False, seen=seen)
     except struct.error as exc:
         raise CorruptDataset(f"data set truncated: {exc}") from exc
+    return bool(seen)

@@ -1,0 +1,250 @@
+"""The Storage and Verification SCP: where a C-STORE lands.
+
+The C-STORE handler only writes the encoded bytes, fsyncs, records the instance and answers; no
+pixel decoding, inference or network calls happen here. Success (0x0000) goes back only after the
+file is in place and its index row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from io import BytesIO
+from typing import cast
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+
+from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
+from dicom_node.index import Index, InstanceRecord
+from dicom_node.quarantine import Quarantine
+from dicom_node.settings import CompletionSettings, ListenerSettings
+from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
+from dicom_node.spool import Spool, is_valid_uid
+from dicom_node.wire import check_complete
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_PIXEL_DATA_GROUP = 0x7FE0
+
+
+def _stop_at_pixels(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag.group >= _PIXEL_DATA_GROUP
+
+
+def _is_stat(header: Dataset) -> bool:
+    """RequestedProcedurePriority STAT, at the top level or in the Request Attributes Sequence."""
+    priorities = [str(header.get("RequestedProcedurePriority", ""))]
+    for item in header.get("RequestAttributesSequence", []) or []:
+        priorities.append(str(item.get("RequestedProcedurePriority", "")))
+    return any(p.strip().upper() == "STAT" for p in priorities)
+
+
+class StorageSCP:
+    """C-STORE handling and per-association study tracking."""
+
+    def __init__(
+        self,
+        listener: ListenerSettings,
+        completion: CompletionSettings,
+        index: Index,
+        spool: Spool,
+        quarantine: Quarantine,
+        on_study_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.completion = completion
+        self.index = index
+        self.spool = spool
+        self.quarantine = quarantine
+        self.on_study_ready = on_study_ready
+        self._lock = threading.Lock()
+        # association id -> {study uid: modality}; only to complete CR/DX studies at release.
+        self._touched: dict[int, dict[str, str]] = {}
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def handle_store(self, event: Event) -> int:
+        """EVT_C_STORE: keep the instance durably, then answer."""
+        calling_aet = event.assoc.requestor.ae_title.strip()
+        request = cast(C_STORE, event.request)
+        stream = cast(BytesIO, request.DataSet).getvalue()
+        # The file is exactly what the sender encoded, behind a standard preamble and meta header.
+        chunks = [b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), stream]
+        sop_uid: str | None = None
+        try:
+            header = self._parse(event, stream)
+            sop_uid = str(header.SOPInstanceUID)
+            return self._store(event, header, chunks, calling_aet)
+        except CorruptDataset as exc:
+            return self._reject(chunks, CANNOT_UNDERSTAND, str(exc), calling_aet, sop_uid)
+        except DatasetMismatch as exc:
+            return self._reject(chunks, DATASET_MISMATCH, str(exc), calling_aet, sop_uid)
+        except OutOfResources as exc:
+            log.error("C-STORE from %s refused (0xA700): %s", calling_aet, exc)
+            return OUT_OF_RESOURCES
+
+    def handle_released(self, event: Event) -> None:
+        """EVT_RELEASED: CR/DX studies sent on this association are complete now."""
+        with self._lock:
+            touched = self._touched.pop(id(event.assoc), {})
+        ready = [
+            uid
+            for uid, modality in touched.items()
+            if modality in self.completion.complete_at_release
+        ]
+        if ready:
+            try:
+                self.index.release_studies(ready, time.time())
+            except Exception:  # the quiet-period fallback completes them later
+                log.exception("could not mark %d released studies complete", len(ready))
+            if self.on_study_ready is not None:
+                self.on_study_ready()
+
+    def handle_aborted(self, event: Event) -> None:
+        """EVT_ABORTED: the sender may retry; its studies complete after the quiet period."""
+        with self._lock:
+            self._touched.pop(id(event.assoc), None)
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def _parse(self, event: Event, stream: bytes) -> Dataset:
+        ts = event.context.transfer_syntax
+        request = cast(C_STORE, event.request)
+        try:
+            has_pixels = check_complete(
+                stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
+            )
+            header = read_dataset(
+                BytesIO(stream),
+                ts.is_implicit_VR,
+                ts.is_little_endian,
+                stop_when=_stop_at_pixels,
+            )
+            # Touch the values now so a malformed value fails here, not later in a worker.
+            values = {
+                keyword: str(header.get(keyword, "") or "")
+                for keyword in (
+                    "SOPClassUID",
+                    "SOPInstanceUID",
+                    "StudyInstanceUID",
+                    "SeriesInstanceUID",
+                    "Modality",
+                )
+            }
+        except CorruptDataset:
+            raise
+        except Exception as exc:  # pydicom raises many types on garbage
+            raise CorruptDataset(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not values[keyword]:
+                raise DatasetMismatch(f"required attribute {keyword} is missing or empty")
+            if not is_valid_uid(values[keyword]):
+                raise DatasetMismatch(f"{keyword} is not a valid UID")
+        if values["SOPClassUID"] != request.AffectedSOPClassUID:
+            raise DatasetMismatch("SOP Class UID in the data set differs from the request")
+        if values["SOPInstanceUID"] != request.AffectedSOPInstanceUID:
+            raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
+        if values["SOPClassUID"] in IMAGE_STORAGE and not has_pixels:
+            raise DatasetMismatch("image SOP class without pixel data")
+        return header
+
+    def _store(self, event: Event, header: Dataset, chunks: list[bytes], calling_aet: str) -> int:
+        sop_uid = str(header.SOPInstanceUID)
+        study_uid = str(header.StudyInstanceUID)
+        series_uid = str(header.SeriesInstanceUID)
+        modality = str(header.get("Modality", "") or "OT").strip().upper()
+        try:
+            known = self.index.instance(sop_uid)
+        except Exception as exc:
+            raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+        if known is not None:
+            # Idempotent: a sender retrying after a lost response must not create a duplicate.
+            self._touch(event, study_uid, modality)
+            return SUCCESS
+        path = self.spool.store(study_uid, series_uid, sop_uid, chunks)
+        now = time.time()
+        fallback = self.completion.quiet_period_s
+        if modality in self.completion.complete_at_release:
+            # Completes at release; this only matters if the association never releases.
+            fallback = max(fallback, self.listener.network_timeout_s)
+        record = InstanceRecord(
+            sop_instance_uid=sop_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_class_uid=str(header.SOPClassUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            modality=modality,
+            path=str(path),
+            size_bytes=sum(len(c) for c in chunks),
+            calling_aet=calling_aet,
+            received_at=now,
+        )
+        try:
+            self.index.record_instance(
+                record, urgent=_is_stat(header), complete_after=now + fallback
+            )
+        except OutOfResources:
+            # The sender gets 0xA700 and retries: no unindexed file may stay behind.
+            path.unlink(missing_ok=True)
+            raise
+        self._touch(event, study_uid, modality)
+        log.info("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
+        return SUCCESS
+
+    def _touch(self, event: Event, study_uid: str, modality: str) -> None:
+        with self._lock:
+            self._touched.setdefault(id(event.assoc), {})[study_uid] = modality
+
+    def _reject(
+        self, chunks: list[bytes], status: int, reason: str, calling_aet: str, sop_uid: str | None
+    ) -> int:
+        try:
+            entry = self.quarantine.keep(
+                chunks, reason=reason, status_code=status, calling_aet=calling_aet, sop_uid=sop_uid
+            )
+        except Exception:
+            # Could not even keep it aside: ask the sender to retry later rather than lose it.
+            log.exception("quarantine failed; answering 0xA700")
+            return OUT_OF_RESOURCES
+        log.warning(
+            "C-STORE from %s quarantined as %s (0x%04X): %s", calling_aet, entry, status, reason
+        )
+        return status
+
+
+def build_ae(listener: ListenerSettings) -> AE:
+    """An application entity configured from the listener settings."""
+    ae = AE(ae_title=listener.ae_title)
+    ae.maximum_pdu_size = listener.max_pdu_bytes
+    ae.maximum_associations = listener.max_associations
+    ae.network_timeout = listener.network_timeout_s
+    ae.acse_timeout = listener.acse_timeout_s
+    ae.dimse_timeout = listener.dimse_timeout_s
+    ae.require_called_aet = listener.require_called_aet
+    ae.require_calling_aet = list(listener.allowed_calling_aets)
+    for sop_class in ACCEPTED_STORAGE:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(VERIFICATION)
+    return ae
+
+
+def handlers(scp: StorageSCP) -> list[evt.EventHandlerType]:
+    """The pynetdicom event bindings for a running listener."""
+    return [
+        (evt.EVT_C_STORE, scp.handle_store),
+        (evt.EVT_RELEASED, scp.handle_released),
+        (evt.EVT_ABORTED, scp.handle_aborted),
+    ]
