@@ -1,0 +1,70 @@
+"""Helpers for listener tests: small valid studies and a raw C-STORE client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+
+from worker.demo.phantoms import write_synthetic_study
+
+
+def small_study(
+    folder: Path,
+    kind: str = "normal",
+    seed: int = 1,
+    *,
+    patient_id: str = "T-0001",
+    modality: str = "DX",
+    views: tuple[str, ...] = ("PA",),
+) -> list[Path]:
+    """A real, valid chest X-ray study at 64x64 so tests stay fast."""
+    return write_synthetic_study(
+        folder, kind, seed, patient_id=patient_id, modality=modality, views=views, rows=64, cols=64
+    )
+
+
+def send_raw(
+    path: Path, port: int, sop_class: str, transfer_syntax: str, called_aet: str = "PACSAI"
+) -> int:
+    """C-STORE a file's bytes exactly as they are on disk (no decoding, no re-encoding).
+
+    dcmtk's storescu refuses to send a file it cannot parse, so corrupt input goes through
+    pynetdicom's chunked sender, which streams the encoded bytes after the file meta header.
+    """
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(sop_class, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    assert assoc.is_established, "association refused"
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+    return int(status.Status)
+
+
+def c_echo(port: int, called_aet: str = "PACSAI") -> int:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def dataset_bytes(raw: bytes) -> bytes:
+    """The encoded data set of a DICOM file, without preamble and file meta information."""
+    from io import BytesIO
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return raw[fp.tell() :]
