@@ -1,0 +1,106 @@
+"""The index behaves the same on SQLite (default) and PostgreSQL (scaled out)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.index import Index, InstanceRecord, JobStatus, StudyStatus
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    idx = Index(url)
+    yield idx
+    idx.close()
+
+
+def record(
+    sop: str, study: str = "1.2.3", modality: str = "CR", at: float = 100.0
+) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        study_instance_uid=study,
+        series_instance_uid=study + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality=modality,
+        path=f"/spool/{sop}.dcm",
+        size_bytes=10,
+        calling_aet="MODALITY",
+        received_at=at,
+    )
+
+
+def test_study_is_created_by_its_first_instance_and_counts_later_ones(index: Index) -> None:
+    assert index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=130.0)
+    assert index.record_instance(record("1.2.3.1.2", at=101.0), urgent=True, complete_after=131.0)
+    assert not index.record_instance(
+        record("1.2.3.1.2", at=102.0), urgent=False, complete_after=132.0
+    )
+    study = index.study("1.2.3")
+    assert study is not None
+    assert study.instance_count == 2
+    assert study.urgent
+    assert study.status == StudyStatus.RECEIVING
+    assert study.complete_after == 131.0
+
+
+def test_release_makes_a_study_due_and_completion_creates_exactly_one_job(index: Index) -> None:
+    index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=1000.0)
+    assert index.due_studies(now=200.0) == []
+    index.release_studies(["1.2.3"], now=150.0)
+    [due] = index.due_studies(now=200.0)
+    job_id = index.create_job(due.study_instance_uid, "cxr", "routine", now=200.0)
+    assert index.due_studies(now=300.0) == []
+    assert [j.job_id for j in index.jobs_to_enqueue()] == [job_id]
+    index.mark_job_enqueued(job_id, now=201.0)
+    assert index.jobs_to_enqueue() == []
+    job = index.start_job(job_id, now=202.0)
+    assert job is not None and job.status == JobStatus.RUNNING and job.attempts == 1
+    index.finish_job(job_id, now=203.0, result={"ok": True})
+    assert index.start_job(job_id, now=204.0) is None, "a finished job must not run again"
+    study = index.study("1.2.3")
+    assert study is not None and study.status == StudyStatus.DONE and study.runs == 1
+
+
+def test_late_instance_reopens_a_finished_study(index: Index) -> None:
+    index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=100.0)
+    job_id = index.create_job("1.2.3", "cxr", "routine", now=101.0)
+    index.start_job(job_id, now=102.0)
+    index.finish_job(job_id, now=103.0, result={})
+    index.record_instance(record("1.2.3.1.9", at=200.0), urgent=False, complete_after=230.0)
+    study = index.study("1.2.3")
+    assert study is not None and study.status == StudyStatus.RECEIVING
+    assert [s.study_instance_uid for s in index.due_studies(now=231.0)] == ["1.2.3"]
+
+
+def test_alert_is_claimed_once_per_study_finding_and_channel(index: Index) -> None:
+    first, delivered = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.9, now=1.0)
+    assert not delivered
+    index.record_alert_attempt(first, now=2.0, error=None)
+    again, delivered = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.95, now=3.0)
+    assert again == first and delivered
+
+
+def test_concurrent_instances_of_one_study_are_all_counted(index: Index) -> None:
+    def store(i: int) -> None:
+        index.record_instance(
+            record(f"1.2.3.1.{i}", at=100.0 + i), urgent=False, complete_after=200.0
+        )
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(1, 21)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    study = index.study("1.2.3")
+    assert study is not None and study.instance_count == 20
+    assert len(index.study_instances("1.2.3")) == 20
