@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+# Every output of a demo model carries this label: SR, alerts, CLI tables.
+DEMO_LABEL = "DEMO / NOT FOR CLINICAL USE"
+
 
 @dataclass(frozen=True)
 class ModelCard:

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.servers import dciodvfy, require, require_tool
 from worker.findings import FindingResult, ModelCard
 from worker.outputs.sr import (
     DEMO_LABEL,
@@ -51,44 +50,11 @@ CARD = ModelCard(
 )
 
 
-# --- tools: fail in CI, skip elsewhere --------------------------------------------------------
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if _in_ci():
-        pytest.fail(f"required in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    _require(path is not None, f"{name} not found on PATH (Debian: apt-get install {package})")
-    assert path is not None
-    return path
-
-
-def _dciodvfy(path: Path) -> list[str]:
-    """dciodvfy's findings, one per line (it writes them to stderr)."""
-    completed = subprocess.run(
-        [_tool("dciodvfy", "dicom3tools"), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        timeout=60,
-        check=False,
-    )
-    return completed.stdout.splitlines()
+# --- tools (fail in CI, skip elsewhere: tests.servers.require) --------------------------------
 
 
 def _assert_valid(path: Path) -> None:
-    lines = _dciodvfy(path)
+    lines = dciodvfy(path).output.splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, "\n".join(lines)
     # The one attribute outside dicom3tools' IOD tables is ours on purpose: Device UID in the
@@ -100,7 +66,7 @@ def _assert_valid(path: Path) -> None:
 def _dsrdump(path: Path) -> str:
     """dcmtk's dump of the SR, long values in full (+Pl)."""
     dump = subprocess.run(
-        [_tool("dsrdump", "dcmtk"), "+Pl", str(path)], capture_output=True, text=True, timeout=60
+        [require_tool("dsrdump"), "+Pl", str(path)], capture_output=True, text=True, timeout=60
     )
     assert dump.returncode == 0, dump.stderr
     assert not [line for line in dump.stderr.splitlines() if line.startswith("E:")], dump.stderr
@@ -111,7 +77,7 @@ def _assert_dcmtk_parses(path: Path, *expected_text: str) -> None:
     """dsrdump and dsr2html both read the document and show ``expected_text``."""
     dump = _dsrdump(path)
     html = subprocess.run(
-        [_tool("dsr2html", "dcmtk"), str(path)], capture_output=True, text=True, timeout=60
+        [require_tool("dsr2html"), str(path)], capture_output=True, text=True, timeout=60
     )
     assert html.returncode == 0, html.stderr
     assert "<html" in html.stdout.lower()
@@ -124,7 +90,7 @@ def _assert_dcmtk_parses(path: Path, *expected_text: str) -> None:
 
 
 def _real_cr() -> pydicom.Dataset:
-    _require(REAL_CR.is_file(), f"real test image missing: {REAL_CR}")
+    require(REAL_CR.is_file(), f"real test image missing: {REAL_CR}")
     return pydicom.dcmread(REAL_CR)
 
 

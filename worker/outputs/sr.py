@@ -38,12 +38,11 @@ from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
 from pydicom.valuerep import validate_value
 
-from worker.findings import FindingResult, ModelCard
+from worker.findings import DEMO_LABEL, FindingResult, ModelCard
 from worker.templates import CodeMap, code_map
 
 logger = logging.getLogger(__name__)
 
-DEMO_LABEL = "DEMO / NOT FOR CLINICAL USE"
 SERIES_DESCRIPTION = "AI chest X-ray findings"
 
 # Fixed namespace of every UID this project derives. Changing it changes every output UID, so a
