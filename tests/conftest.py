@@ -157,3 +157,14 @@ def postgres_url(_postgres_server: PostgresServer) -> Iterator[str]:
     database is created empty for this test and dropped after it."""
     with _postgres_server.temporary_database() as name:
         yield _postgres_server.url(name)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo triage model, trained once per test session through the real training code."""
+    from worker.demo.train import train_demo_model
+
+    return train_demo_model(tmp_path_factory.mktemp("models") / "demo-cxr", seed=0)

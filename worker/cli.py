@@ -1,0 +1,296 @@
+"""``pacs-ai``: the command line for radiology IT, ML engineers and validation leads."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker.settings import Settings, SettingsError, load_settings
+
+DESCRIPTION = """\
+pacs-ai-worker: a clinical AI node beside your PACS.
+
+Studies arrive by DICOM C-STORE, AI models read them, and the results go back to the PACS as
+DICOM Structured Reports; urgent findings (pneumothorax first) raise alerts.
+
+Start here:
+  pacs-ai demo                         everything on this machine with synthetic and real studies
+  pacs-ai serve --config site.yaml     listener, embedded broker and workers for real use
+  pacs-ai echo PACSAI@127.0.0.1:11112  check that a DICOM node answers
+"""
+
+EPILOG = """\
+Settings: one YAML file (see deploy/site.example.yaml); environment variables
+PACS_AI__SECTION__KEY=value override it, e.g. PACS_AI__LISTENER__PORT=11113.
+Demo models are labelled DEMO / NOT FOR CLINICAL USE in every output.
+"""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="settings YAML file (default: built-in safe defaults plus PACS_AI__* variables)",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo.run import run_demo
+
+    return run_demo(args.workdir, include_real=not args.no_real, real_dir=args.real_dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worker.service import configure_logging, run_serve
+
+    configure_logging(args.log_level)
+    return run_serve(_settings(args), args.config)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from worker.service import configure_logging, run_node
+
+    configure_logging(args.log_level)
+    return run_node(_settings(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.service import configure_logging, run_worker
+
+    configure_logging(args.log_level)
+    settings = _settings(args)
+    queues = [q for q in (args.queues or ",".join(settings.worker.queues)).split(",") if q]
+    return run_worker(settings, queues, args.concurrency or settings.worker.concurrency)
+
+
+def _local_listener(settings: Settings) -> str:
+    host = (
+        "127.0.0.1" if settings.listener.host in ("0.0.0.0", "::", "") else settings.listener.host
+    )
+    return f"{settings.listener.ae_title}@{host}:{settings.listener.port}"
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.errors import DestinationUnavailable
+    from dicom_node.scu import RemoteNode, echo
+
+    settings = _settings(args)
+    address = args.address or _local_listener(settings)
+    remote = RemoteNode.parse(address, args.aet)
+    try:
+        status = echo(remote)
+    except DestinationUnavailable as exc:
+        print(f"C-ECHO {remote}: FAILED — {exc}", file=sys.stderr)
+        return 2
+    print(f"C-ECHO {remote}: status 0x{status:04X} ({'success' if status == 0 else 'failure'})")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.errors import DestinationRejected, DestinationUnavailable
+    from dicom_node.scu import RemoteNode, send_files
+
+    files: list[Path] = []
+    for path in args.paths:
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        print("nothing to send", file=sys.stderr)
+        return 2
+    remote = RemoteNode.parse(args.to, args.aet)
+    try:
+        statuses = send_files(remote, files)
+    except (DestinationUnavailable, DestinationRejected) as exc:
+        print(f"C-STORE to {remote}: FAILED — {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # unreadable file: say which kind of problem
+        print(f"cannot send: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(f"C-STORE to {remote}: {len(statuses)} instance(s) stored")
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from dicom_node.index import Index
+
+    index = Index(_settings(args).index_url)
+    rows = index.list_studies(limit=args.limit)
+    print(f"{'last received':19}  {'status':10} {'mod':4} {'n':>4} {'urgent':6}  study / reason")
+    for s in rows:
+        print(
+            f"{_when(s.last_received_at):19}  {s.status.value:10} {s.modality:4} "
+            f"{s.instance_count:>4} {'yes' if s.urgent else '':6}  {s.study_instance_uid}"
+            + (f"\n{'':49}{s.reason}" if s.reason else "")
+        )
+    index.close()
+    return 0
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from dicom_node.index import Index
+
+    index = Index(_settings(args).index_url)
+    rows = index.list_quarantine(limit=args.limit)
+    if not rows:
+        print("quarantine is empty")
+    for q in rows:
+        print(f"{_when(q.received_at)}  0x{q.status_code:04X}  from {q.calling_aet:16} {q.id}")
+        print(f"    reason: {q.reason}\n    kept in: {q.path}")
+    index.close()
+    return 0
+
+
+def cmd_build_demo_model(args: argparse.Namespace) -> int:
+    from worker.demo.train import train_demo_model
+
+    out = train_demo_model(args.out, seed=args.seed, progress=print)
+    print(f"demo model written to {out} (DEMO / NOT FOR CLINICAL USE)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacs-ai",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "demo",
+        help="run the one-command demo (synthetic and real studies in, SRs and alerts out)",
+        description=(
+            "Start the listener, an embedded broker, a worker, a small receiving PACS and a webhook\n"
+            "sink on loopback; send synthetic chest X-ray studies (a pneumothorax phantom, a normal\n"
+            "one, ...) and the real SIIM file when present; print a table per study.\n"
+            "Exit code 0 only if every study produced a delivered SR."
+        ),
+        formatter_class=raw,
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("pacs-ai-demo"),
+        help="working folder (default: ./pacs-ai-demo)",
+    )
+    p.add_argument("--no-real", action="store_true", help="send only synthetic studies")
+    p.add_argument(
+        "--real-dir",
+        type=Path,
+        default=None,
+        help="folder with real DICOM test files (default: ../shared/data/real next to the checkout)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve",
+        help="run listener, broker (embedded if configured) and workers on this machine",
+        description="Run every component on this machine until SIGINT/SIGTERM; restart workers that die.",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "node",
+        help="run only the DICOM listener and study assembler (needs a Redis broker URL)",
+        description="Run the C-STORE/C-ECHO listener and the study assembler; jobs go to the broker.",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser(
+        "worker",
+        help="run one model worker on the given queues (needs a Redis broker URL)",
+        description=(
+            "Run a worker process. Several workers on several machines can share one broker;\n"
+            "reserve workers for urgent work with --queues stat."
+        ),
+        formatter_class=raw,
+    )
+    _add_config(p)
+    p.add_argument(
+        "--queues",
+        "-Q",
+        default=None,
+        help="comma-separated queues (default: worker.queues, i.e. stat,routine)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs at once in this process (default: worker.concurrency)",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM node (default: this node's listener)")
+    _add_config(p)
+    p.add_argument(
+        "address", nargs="?", default=None, help="AE@HOST:PORT (default: the configured listener)"
+    )
+    p.add_argument("--aet", default="PACSAI", help="our calling AE title (default PACSAI)")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="C-STORE DICOM files or folders to a node")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
+    p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the receiving node")
+    p.add_argument("--aet", default="PACSAI", help="our calling AE title (default PACSAI)")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("studies", help="list recent studies and their status from the index")
+    _add_config(p)
+    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("quarantine", help="inspect input that was refused and kept aside")
+    qsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = qsub.add_parser("list", help="list quarantined input with the reason")
+    _add_config(q)
+    q.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    q.set_defaults(func=cmd_quarantine_list)
+
+    p = sub.add_parser("model", help="model utilities")
+    msub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    m = msub.add_parser(
+        "build-demo",
+        help="train the demo triage model on synthetic phantoms (DEMO / NOT FOR CLINICAL USE)",
+    )
+    m.add_argument("--out", type=Path, required=True, help="model folder to write")
+    m.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    m.set_defaults(func=cmd_build_demo_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""What a worker process holds for its lifetime: settings, the index and models loaded once."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from dicom_node.index import Index
+from worker.models import load_classifier
+from worker.models.base import Classifier
+from worker.settings import Settings
+
+
+class WorkerContext:
+    """One per worker process; models load on first use and stay loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.index = Index(settings.index_url)
+        self._classifier: Classifier | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.settings.storage.data_dir / "models" / "demo-cxr"
+
+    def cxr_classifier(self) -> Classifier:
+        with self._lock:
+            if self._classifier is None:
+                self._classifier = load_classifier(
+                    self.settings.models.cxr_triage, demo_dir=self.demo_model_dir
+                )
+            return self._classifier
+
+    def close(self) -> None:
+        self.index.close()

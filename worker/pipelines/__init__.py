@@ -1,0 +1,1 @@
+"""Pipelines: each a short list of typed steps, from study instances to outputs."""
