@@ -163,8 +163,21 @@ def postgres_url(_postgres_server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo triage model, trained once per test session through the real training code."""
+def demo_model_dir(pytestconfig: pytest.Config) -> Path:
+    """The demo triage model, trained through the real training code.
+
+    Training is deterministic, so the result is kept in pytest's cache under a hash of the code
+    that produces it (phantoms, network, training): a change to any of them trains anew.
+    """
+    import hashlib
+
     from worker.demo.train import train_demo_model
 
-    return train_demo_model(tmp_path_factory.mktemp("models") / "demo-cxr", seed=0)
+    sources = ["worker/demo/phantoms.py", "worker/demo/train.py", "worker/models/pacs_ai_cnn.py"]
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update((REPO_ROOT / source).read_bytes())
+    folder = pytestconfig.cache.mkdir(f"demo-model-{digest.hexdigest()[:16]}") / "demo-cxr"
+    if (folder / "config.json").is_file():
+        return folder
+    return train_demo_model(folder, seed=0)

@@ -18,10 +18,18 @@ def small_study(
     patient_id: str = "T-0001",
     modality: str = "DX",
     views: tuple[str, ...] = ("PA",),
+    size: int = 64,
 ) -> list[Path]:
-    """A real, valid chest X-ray study at 64x64 so tests stay fast."""
+    """A real, valid chest X-ray study, small (64x64 by default) so tests stay fast."""
     return write_synthetic_study(
-        folder, kind, seed, patient_id=patient_id, modality=modality, views=views, rows=64, cols=64
+        folder,
+        kind,
+        seed,
+        patient_id=patient_id,
+        modality=modality,
+        views=views,
+        rows=size,
+        cols=size,
     )
 
 
