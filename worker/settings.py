@@ -137,4 +137,6 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
 def write_settings(settings: Settings, path: Path) -> None:
     """Write a complete settings file (every option spelled out) that ``load_settings`` reads back."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )
