@@ -133,11 +133,11 @@ def _summary_table(
     index: Index, studies: list[DemoStudy], sink: WebhookSink, pacs_address: str
 ) -> tuple[Table, bool]:
     table = Table(title=f"Results — {DEMO_LABEL}", show_lines=True)
-    table.add_column("study")
+    table.add_column("study", max_width=24)
     table.add_column("findings: probability vs threshold", no_wrap=True)
-    table.add_column("urgent")
-    table.add_column("SR instance UID → delivered to", overflow="fold")
-    table.add_column("receipt → SR delivered", justify="right")
+    table.add_column("urgent", no_wrap=True)
+    table.add_column("SR instance UID → delivered to", no_wrap=True)
+    table.add_column("receipt → SR", justify="right", no_wrap=True)
     alerted = {body.get("study_instance_uid") for _, body in sink.received()}
     all_ok = True
     for study in studies:
@@ -183,7 +183,7 @@ def _summary_table(
 def run_demo(workdir: Path, *, include_real: bool = True, real_dir: Path | None = None) -> int:
     """Run the demo; exit code 0 only if every study produced a delivered SR."""
     # Wide enough for the summary table when the output goes to a file or a CI log.
-    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     workdir = workdir.resolve()
     console.rule(f"[bold]pacs-ai-worker demo[/] — {DEMO_LABEL}")
     # Each run starts from empty data; the trained demo model is kept between runs.

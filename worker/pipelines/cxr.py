@@ -1,7 +1,8 @@
 """Chest X-ray triage: decode the study's radiographs, classify, decide per finding, build the SR.
 
 Steps (each a function that can be tested alone):
-``load_images`` → ``decode_images`` → ``classify`` → ``decide_findings`` → ``build_findings_sr``.
+``load_images`` → ``select_frontal`` → ``decode_images`` → ``classify`` → ``decide_findings`` →
+``build_findings_sr``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def load_images(records: Sequence[InstanceRecord]) -> list[Dataset]:
     if not images:
         raise NoUsableImages("the study holds no image instances")
     return images
+
+
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT"})
+
+
+def select_frontal(images: Sequence[Dataset]) -> list[Dataset]:
+    """The frontal radiographs: triage classifiers are trained on PA/AP views.
+
+    A view the header does not name is kept (real traffic often omits it); laterals are left out of
+    classification but stay in the SR's evidence.
+    """
+    frontal = [
+        ds
+        for ds in images
+        if str(ds.get("ViewPosition", "") or "").strip().upper() not in LATERAL_VIEWS
+    ]
+    if not frontal:
+        raise NoUsableImages("the study holds only lateral views")
+    return frontal
 
 
 def decode_images(images: Sequence[Dataset]) -> list[DecodedImage]:
@@ -87,7 +108,7 @@ def run(
 ) -> CxrResult:
     """The whole chest X-ray triage pipeline for one study."""
     images = load_images(records)
-    decoded = decode_images(images)
+    decoded = decode_images(select_frontal(images))
     scores = classify(classifier, decoded)
     merged = {**classifier.default_thresholds, **thresholds}
     findings = decide_findings(decoded, scores, classifier.card, merged, urgent_findings)

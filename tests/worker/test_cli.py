@@ -1,0 +1,128 @@
+"""The command line an admin uses: complete help, echo and send against real nodes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.node import DicomNode, NodeConfig
+from dicom_node.settings import CompletionSettings, ListenerSettings, QueueSettings, StorageSettings
+from tests.dicom_node.helpers import small_study
+from tests.servers import Orthanc, free_port
+from worker.cli import build_parser, main
+
+SUBCOMMANDS = [
+    ["demo"],
+    ["serve"],
+    ["node"],
+    ["worker"],
+    ["echo"],
+    ["send"],
+    ["studies"],
+    ["quarantine"],
+    ["quarantine", "list"],
+    ["model"],
+    ["model", "build-demo"],
+]
+
+
+def test_top_level_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "serve", "node", "worker", "echo", "send", "studies", "quarantine"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pacs-ai" in capsys.readouterr().out
+
+
+def test_every_option_is_explained() -> None:
+    parser = build_parser()
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            if getattr(action, "choices", None) and isinstance(action.choices, dict):
+                pending.extend(action.choices.values())
+            elif action.dest not in ("help", "command", "action"):
+                assert action.help, f"{current.prog}: {action.dest} has no help text"
+
+
+@pytest.fixture
+def node(tmp_path: Path, redis_url: str) -> Iterator[DicomNode]:
+    config = NodeConfig(
+        listener=ListenerSettings(port=0),
+        storage=StorageSettings(data_dir=tmp_path / "data"),
+        completion=CompletionSettings(),
+        queue=QueueSettings(broker_url=redis_url),
+        index_url=f"sqlite:///{tmp_path / 'index.sqlite3'}",
+        broker_url=redis_url,
+    )
+    n = DicomNode(config)
+    n.start()
+    yield n
+    n.stop()
+
+
+def test_echo_succeeds_against_the_listener(
+    node: DicomNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["echo", f"PACSAI@127.0.0.1:{node.port}"]) == 0
+    assert "status 0x0000 (success)" in capsys.readouterr().out
+
+
+def test_echo_to_a_closed_port_fails_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["echo", f"PACSAI@127.0.0.1:{free_port()}"]) == 2
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_send_folder_lands_in_orthanc(
+    orthanc: Orthanc, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = small_study(tmp_path / "study", views=("PA", "LL"))
+    assert (
+        main(
+            [
+                "send",
+                str(tmp_path / "study"),
+                "--to",
+                f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+            ]
+        )
+        == 0
+    )
+    assert "2 instance(s) stored" in capsys.readouterr().out
+    for f in files:
+        assert orthanc.find_sop(str(pydicom.dcmread(f).SOPInstanceUID)) is not None
+
+
+def test_console_script_runs_as_a_separate_process() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "pacs-ai demo" in result.stdout
+
+
+def test_invalid_settings_file_stops_with_the_offending_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "site.yaml"
+    bad.write_text("listener:\n  portt: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["studies", "--config", str(bad)])
+    assert "portt" in str(exit_info.value.code)
