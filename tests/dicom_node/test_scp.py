@@ -8,20 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from dicom_node.index import Index, JobStatus, StudyStatus
-from dicom_node.node import DicomNode, NodeConfig
-from dicom_node.settings import (
-    CompletionSettings,
-    ListenerSettings,
-    QueueSettings,
-    StorageSettings,
-)
+from dicom_node.node import DicomNode
 from tests.dicom_node.helpers import c_echo, dataset_bytes, send_raw, small_study
 from tests.servers import free_port, storescu
 
@@ -32,26 +25,6 @@ REAL = (
     / "real"
     / "siim_cr_jpeg_baseline.dcm"
 )
-
-
-def make_config(tmp_path: Path, broker_url: str, port: int = 0, quiet: float = 30.0) -> NodeConfig:
-    storage = StorageSettings(data_dir=tmp_path / "data")
-    return NodeConfig(
-        listener=ListenerSettings(port=port),
-        storage=storage,
-        completion=CompletionSettings(quiet_period_s=quiet, poll_interval_s=0.1),
-        queue=QueueSettings(broker_url=broker_url),
-        index_url=f"sqlite:///{tmp_path / 'data' / 'index.sqlite3'}",
-        broker_url=broker_url,
-    )
-
-
-@pytest.fixture
-def node(tmp_path: Path, redis_url: str) -> Iterator[DicomNode]:
-    n = DicomNode(make_config(tmp_path, redis_url))
-    n.start()
-    yield n
-    n.stop()
 
 
 def test_storescu_instance_is_on_disk_and_indexed_when_success_returns(

@@ -1,0 +1,36 @@
+"""Fixtures for listener tests: a DicomNode in this process on a free port, real Redis broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.node import DicomNode, NodeConfig
+from dicom_node.settings import (
+    CompletionSettings,
+    ListenerSettings,
+    QueueSettings,
+    StorageSettings,
+)
+
+
+def make_config(tmp_path: Path, broker_url: str, port: int = 0, quiet: float = 30.0) -> NodeConfig:
+    storage = StorageSettings(data_dir=tmp_path / "data")
+    return NodeConfig(
+        listener=ListenerSettings(port=port),
+        storage=storage,
+        completion=CompletionSettings(quiet_period_s=quiet, poll_interval_s=0.1),
+        queue=QueueSettings(broker_url=broker_url),
+        index_url=f"sqlite:///{tmp_path / 'data' / 'index.sqlite3'}",
+        broker_url=broker_url,
+    )
+
+
+@pytest.fixture
+def node(tmp_path: Path, redis_url: str) -> Iterator[DicomNode]:
+    n = DicomNode(make_config(tmp_path, redis_url))
+    n.start()
+    yield n
+    n.stop()
