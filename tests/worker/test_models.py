@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +18,10 @@ from worker.demo.train import (
     KIND_OF_FINDING,
     phantom_image,
 )
-from worker.findings import DecodedImage
+from worker.findings import DEMO_LABEL, DecodedImage
 from worker.models import ModelLoadError, load_classifier
 from worker.models.pacs_ai_cnn import (
     CONFIG_FILE,
-    DEMO_LABEL,
     WEIGHTS_FILE,
     Architecture,
     PacsAiCnn,
@@ -115,7 +116,7 @@ def test_missing_folder_and_missing_config_are_load_errors(tmp_path: Path) -> No
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_classifier(settings(tmp_path / "absent"), demo_dir=tmp_path / "demo")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="has no config.json"):
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
         load_classifier(settings(tmp_path / "empty"), demo_dir=tmp_path / "demo")
 
 
@@ -130,7 +131,9 @@ def test_missing_folder_and_missing_config_are_load_errors(tmp_path: Path) -> No
         (lambda c: json.dumps({**c, "demo": True}), "DEMO / NOT FOR CLINICAL USE"),
     ],
 )
-def test_invalid_config_is_a_load_error(tiny_model: Path, corruption, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_config_is_a_load_error(
+    tiny_model: Path, corruption: Callable[[dict[str, Any]], str], message: str
+) -> None:
     config = json.loads((tiny_model / CONFIG_FILE).read_text())
     (tiny_model / CONFIG_FILE).write_text(corruption(config))
     with pytest.raises(ModelLoadError, match=message):
@@ -144,7 +147,7 @@ def test_missing_or_corrupt_weights_are_load_errors(tiny_model: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a readable weights file"):
         load_classifier(settings(tiny_model), demo_dir=tiny_model.parent / "demo")
     weights.unlink()
-    with pytest.raises(ModelLoadError, match="has no weights.pt"):
+    with pytest.raises(ModelLoadError, match=r"has no weights\.pt"):
         load_classifier(settings(tiny_model), demo_dir=tiny_model.parent / "demo")
 
 
@@ -170,22 +173,21 @@ def test_cuda_requested_without_cuda_is_a_load_error(tiny_model: Path) -> None:
         load_classifier(settings(tiny_model, device="cuda"), demo_dir=tiny_model.parent / "demo")
 
 
-# --- the demo model, trained once for this module --------------------------------------------
+# --- the demo model, trained by the shared session fixture (tests/conftest.py) ---------------
 
 HELD_OUT_SEEDS = range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4)
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model, built on first use by load_classifier (no path configured)."""
-    folder = tmp_path_factory.mktemp("data") / "models" / "demo-cxr"
-    load_classifier(settings(None), demo_dir=folder)
-    return folder
+def demo_dir(demo_model_dir: Path) -> Path:
+    """The demo model folder, trained once through train_demo_model (seed 0)."""
+    return demo_model_dir
 
 
 @pytest.fixture(scope="module")
 def held_out(demo_dir: Path) -> dict[str, list[dict[str, float]]]:
     """Probabilities on phantoms the model never saw (new seeds, full 1024 matrix)."""
+    # No path configured: load_classifier picks the demo model in demo_dir.
     classifier = load_classifier(settings(None), demo_dir=demo_dir)
     return {
         kind: classifier.predict([phantom_image(kind, seed, 1024) for seed in HELD_OUT_SEEDS])
@@ -216,3 +218,20 @@ def test_demo_model_separates_held_out_phantoms(
     ]
     assert min(positives) > 0.8, positives
     assert max(negatives) < 0.2, negatives
+
+
+def test_a_finished_model_replaces_the_old_one_only_when_asked(tmp_path: Path) -> None:
+    from worker.demo.train import _move_into_place
+
+    def folder(name: str, content: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / CONFIG_FILE).write_text(content)
+        return path
+
+    target = folder("demo-cxr", "old")
+    _move_into_place(folder("staging-1", "new"), target, replace=False)
+    assert (target / CONFIG_FILE).read_text() == "old"  # the first model to arrive stays
+    _move_into_place(folder("staging-2", "newer"), target, replace=True)
+    assert (target / CONFIG_FILE).read_text() == "newer"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # old one removed

@@ -124,23 +124,21 @@ def test_study_has_one_instance_per_view_with_deterministic_uids(tmp_path: Path)
 
 def test_monochrome1_dataset_stores_inverted_values() -> None:
     pixels = make_cxr_pixels("normal", 1, 64, 64)
-    uids = {
-        "study_instance_uid": "1.2.3.4",
-        "series_instance_uid": "1.2.3.4.1",
-        "sop_instance_uid": "1.2.3.4.1.1",
-    }
-    mono2 = make_cxr_dataset(
-        pixels, patient_id="P", patient_name="DEMO^X", accession_number="A1", **uids
-    )
-    mono1 = make_cxr_dataset(
-        pixels,
-        patient_id="P",
-        patient_name="DEMO^X",
-        accession_number="A1",
-        modality="CR",
-        photometric="MONOCHROME1",
-        **uids,
-    )
+
+    def dataset(modality: str, photometric: str) -> pydicom.Dataset:
+        return make_cxr_dataset(
+            pixels,
+            patient_id="P",
+            patient_name="DEMO^X",
+            study_instance_uid="1.2.3.4",
+            series_instance_uid="1.2.3.4.1",
+            sop_instance_uid="1.2.3.4.1.1",
+            accession_number="A1",
+            modality=modality,
+            photometric=photometric,
+        )
+
+    mono2, mono1 = dataset("DX", "MONOCHROME2"), dataset("CR", "MONOCHROME1")
     assert mono1.SOPClassUID == CR_IMAGE_STORAGE
     assert np.array_equal(mono1.pixel_array.astype(np.int32), MAX_VALUE - mono2.pixel_array)
     assert mono1.PresentationLUTShape == "INVERSE"
