@@ -173,7 +173,12 @@ def demo_model_dir(pytestconfig: pytest.Config) -> Path:
 
     from worker.demo.train import train_demo_model
 
-    sources = ["worker/demo/phantoms.py", "worker/demo/train.py", "worker/models/pacs_ai_cnn.py"]
+    sources = [
+        "worker/demo/phantoms.py",
+        "worker/demo/train.py",
+        "worker/models/pacs_ai_cnn.py",
+        "worker/imaging/decode.py",
+    ]
     digest = hashlib.sha256()
     for source in sources:
         digest.update((REPO_ROOT / source).read_bytes())

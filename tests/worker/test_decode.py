@@ -168,12 +168,28 @@ def test_missing_pixels_and_palette_colour_are_unsupported() -> None:
         decode_instance(ds)
 
 
-@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, MPEG2MPML])
-def test_syntax_without_a_permissive_decoder_is_undecodable(syntax: pydicom.uid.UID) -> None:
-    # JPEG Lossless SV1 is only readable by GPL libjpeg (or GDCM) here; no decoder reads MPEG-2.
+def test_syntax_without_a_decoder_is_undecodable_and_names_it() -> None:
     ds = phantom(size=32)
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
     ds["PixelData"].VR = "OB"
-    with pytest.raises(UndecodableImage, match=str(syntax).replace(".", r"\.")):
+    with pytest.raises(UndecodableImage, match=str(MPEG2MPML).replace(".", r"\.")):
         decode_instance(ds)
+
+
+@pytest.mark.parametrize("option", ["+e1", "+el"], ids=["lossless-sv1", "lossless"])
+def test_jpeg_lossless_from_dcmtk_decodes_to_the_original_pixels(
+    option: str, tmp_path: Path
+) -> None:
+    # JPEG Lossless is common in CR/DX archives; python-gdcm (BSD) reads it, no GPL plugin needed.
+    from tests.servers import run_tool
+
+    ds = phantom(size=64)
+    source = tmp_path / "plain.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    compressed = tmp_path / "lossless.dcm"
+    result = run_tool("dcmcjpeg", [option, source, compressed])
+    assert result.returncode == 0, result.stderr
+    encoded = pydicom.dcmread(compressed)
+    assert encoded.file_meta.TransferSyntaxUID in (JPEGLosslessSV1, "1.2.840.10008.1.2.4.57")
+    assert np.array_equal(decode_instance(encoded).pixels, decode_instance(ds).pixels)
