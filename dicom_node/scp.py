@@ -25,6 +25,7 @@ from pynetdicom.events import Event
 from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.quarantine import Quarantine
+from dicom_node.security import ListenerAE
 from dicom_node.settings import CompletionSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
 from dicom_node.spool import Spool, is_valid_uid
@@ -226,15 +227,17 @@ class StorageSCP:
 
 
 def build_ae(listener: ListenerSettings) -> AE:
-    """An application entity configured from the listener settings."""
-    ae = AE(ae_title=listener.ae_title)
+    """An application entity configured from the listener settings.
+
+    Every server it starts checks the peer allow-list and uses the listener's TLS settings.
+    """
+    ae = ListenerAE(listener)
     ae.maximum_pdu_size = listener.max_pdu_bytes
     ae.maximum_associations = listener.max_associations
     ae.network_timeout = listener.network_timeout_s
     ae.acse_timeout = listener.acse_timeout_s
     ae.dimse_timeout = listener.dimse_timeout_s
     ae.require_called_aet = listener.require_called_aet
-    ae.require_calling_aet = list(listener.allowed_calling_aets)
     for sop_class in ACCEPTED_STORAGE:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(VERIFICATION)

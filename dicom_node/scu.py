@@ -12,6 +12,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from dicom_node.errors import DestinationRejected, DestinationUnavailable
+from dicom_node.security import client_context
+from dicom_node.settings import DestinationSettings, DestinationTLSSettings
 from dicom_node.sop import VERIFICATION
 
 
@@ -24,6 +26,15 @@ class RemoteNode:
     port: int
     calling_ae_title: str = "PACSAI"
     timeout_s: float = 30.0
+    # None or disabled: plain TCP.
+    tls: DestinationTLSSettings | None = None
+
+    @classmethod
+    def from_destination(cls, dest: DestinationSettings) -> RemoteNode:
+        """The node a configured destination names, TLS settings included."""
+        return cls(
+            dest.ae_title, dest.host, dest.port, dest.calling_ae_title, dest.timeout_s, dest.tls
+        )
 
     @classmethod
     def parse(cls, address: str, calling_ae_title: str = "PACSAI") -> RemoteNode:
@@ -44,9 +55,17 @@ def _associate(remote: RemoteNode, contexts: Sequence[tuple[str, str]]) -> Assoc
     ae.acse_timeout = remote.timeout_s
     ae.dimse_timeout = remote.timeout_s
     ae.network_timeout = remote.timeout_s
+    # Also bounds the TLS handshake, which happens while connecting.
+    ae.connection_timeout = remote.timeout_s
     for sop_class, syntax in dict.fromkeys(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title)
+    context = client_context(remote.tls) if remote.tls is not None else None
+    assoc = ae.associate(
+        remote.host,
+        remote.port,
+        ae_title=remote.ae_title,
+        tls_args=(context, remote.host) if context is not None else None,
+    )
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DestinationUnavailable(f"association with {remote} {state}")

@@ -131,6 +131,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     model_path = settings.models.cxr_triage.path
     if model_path is not None and not model_path.is_absolute():
         settings.models.cxr_triage.path = (base / model_path).resolve()
+    for tls in [settings.listener.tls, *(d.tls for d in settings.outputs.destinations)]:
+        for name in ("cert_file", "key_file", "ca_file"):
+            value = getattr(tls, name)
+            if value is not None and not value.is_absolute():
+                setattr(tls, name, (base / value).resolve())
     return settings
 
 

@@ -119,9 +119,7 @@ def _send_outputs(ctx: WorkerContext, job: JobRow) -> list[str]:
         o for o in ctx.index.study_outputs(job.study_instance_uid) if o["job_id"] == job.job_id
     ]
     for dest in ctx.settings.outputs.destinations:
-        remote = RemoteNode(
-            dest.ae_title, dest.host, dest.port, dest.calling_ae_title, dest.timeout_s
-        )
+        remote = RemoteNode.from_destination(dest)
         todo = []
         for output in outputs:
             done = {
