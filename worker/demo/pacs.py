@@ -53,6 +53,7 @@ class DemoPacs:
         server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
+        assert server is not None  # block=False always returns the server
         self._server = server
         return int(server.server_address[1])
 

@@ -38,7 +38,9 @@ class CxrResult:
 
 def load_images(records: Sequence[InstanceRecord]) -> list[Dataset]:
     """Read the study's image instances from the spool (structured reports and others are skipped)."""
-    images = [pydicom.dcmread(Path(r.path)) for r in records if r.sop_class_uid in IMAGE_STORAGE]
+    images: list[Dataset] = [
+        pydicom.dcmread(Path(r.path)) for r in records if r.sop_class_uid in IMAGE_STORAGE
+    ]
     if not images:
         raise NoUsableImages("the study holds no image instances")
     return images
