@@ -186,3 +186,37 @@ def demo_model_dir(pytestconfig: pytest.Config) -> Path:
     if (folder / "config.json").is_file():
         return folder
     return train_demo_model(folder, seed=0)
+
+
+# --- alert receivers ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mllp_receiver() -> Iterator[Any]:
+    """A real HL7 v2 MLLP receiver on a free loopback port (python-hl7), acknowledging with AA."""
+    from tests.servers import MllpReceiver
+
+    receiver = MllpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[Any]:
+    """A real SMTP server (aiosmtpd) on a free loopback port keeping every message."""
+    from tests.servers import SmtpSink
+
+    sink = SmtpSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def webhook_sink() -> Iterator[Any]:
+    """A real HTTP webhook receiver on loopback that verifies HMAC signatures with 'test-secret'."""
+    from worker.demo.sink import WebhookSink
+
+    sink = WebhookSink(secret="test-secret")
+    sink.start()
+    yield sink
+    sink.stop()

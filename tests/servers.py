@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -617,3 +618,96 @@ class PostgresServer:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
+
+
+# --- alert receivers: HL7 over MLLP, SMTP ---------------------------------------------------------
+
+
+class MllpReceiver:
+    """A real HL7 v2 receiver (python-hl7's asyncio MLLP server) on a loopback port.
+
+    Every message is parsed with python-hl7 and kept; the reply is an ACK with MSA-1 = ``ack_code``
+    (AA by default; AE/AR to play a receiver that refuses)."""
+
+    def __init__(self, port: int = 0, ack_code: str = "AA") -> None:
+        import asyncio
+
+        self.ack_code = ack_code
+        self.messages: list[Any] = []
+        self.raw: list[str] = []
+        self._port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def start(self) -> MllpReceiver:
+        import asyncio
+
+        import hl7
+        import hl7.mllp
+
+        async def handle(reader: Any, writer: Any) -> None:
+            try:
+                while not writer.is_closing():
+                    message = await reader.readmessage()
+                    self.raw.append(str(message))
+                    self.messages.append(message)
+                    writer.writemessage(message.create_ack(ack_code=self.ack_code))
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        async def serve() -> Any:
+            return await hl7.mllp.start_hl7_server(handle, host=LOOPBACK, port=self._port)
+
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._server is not None:
+            self._server.close()
+            asyncio.run_coroutine_threadsafe(self._server.wait_closed(), self._loop).result(
+                timeout=10
+            )
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on a loopback port that keeps every message it accepts."""
+
+    def __init__(self, port: int = 0) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[Any] = []
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                import email
+                import email.policy
+
+                sink.messages.append(
+                    email.message_from_bytes(envelope.content, policy=email.policy.default)
+                )
+                return "250 Message accepted for delivery"
+
+        self.port = port or free_port()
+        self._controller = Controller(Handler(), hostname=LOOPBACK, port=self.port)
+
+    def start(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
