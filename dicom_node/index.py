@@ -655,3 +655,87 @@ class Index:
                 sa.select(quarantine).order_by(quarantine.c.received_at.desc()).limit(limit)
             ).all()
         return [QuarantineRow(**r._mapping) for r in rows]
+
+    # --- duplicates and quarantine retries (listener durability) ---------------------------
+
+    def replace_instance(self, rec: InstanceRecord, *, urgent: bool, complete_after: float) -> None:
+        """A new version of a known instance: update its row and reopen its study, so that a new
+        run sees the new version. Raises ``OutOfResources`` when the index is unavailable."""
+        try:
+            with self._tx() as conn:
+                old = conn.execute(
+                    sa.select(instances.c.study_instance_uid)
+                    .where(instances.c.sop_instance_uid == rec.sop_instance_uid)
+                    .with_for_update()
+                ).first()
+                if old is None:
+                    conn.execute(instances.insert().values(**rec.__dict__))
+                else:
+                    conn.execute(
+                        instances.update()
+                        .where(instances.c.sop_instance_uid == rec.sop_instance_uid)
+                        .values(**rec.__dict__)
+                    )
+                old_study = None if old is None else str(old.study_instance_uid)
+                moved = old_study is not None and old_study != rec.study_instance_uid
+                if moved:
+                    conn.execute(
+                        studies.update()
+                        .where(studies.c.study_instance_uid == old_study)
+                        .values(instance_count=studies.c.instance_count - 1)
+                    )
+                study = conn.execute(
+                    sa.select(studies.c.study_instance_uid)
+                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
+                    .with_for_update()
+                ).first()
+                if study is None:
+                    conn.execute(
+                        studies.insert().values(
+                            study_instance_uid=rec.study_instance_uid,
+                            status=StudyStatus.RECEIVING,
+                            modality=rec.modality,
+                            urgent=urgent,
+                            calling_aet=rec.calling_aet,
+                            instance_count=1,
+                            first_received_at=rec.received_at,
+                            last_received_at=rec.received_at,
+                            complete_after=complete_after,
+                            runs=0,
+                        )
+                    )
+                    return
+                conn.execute(
+                    studies.update()
+                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
+                    .values(
+                        status=StudyStatus.RECEIVING,
+                        urgent=sa.or_(studies.c.urgent, sa.literal(urgent)),
+                        instance_count=studies.c.instance_count
+                        + (1 if moved or old is None else 0),
+                        last_received_at=rec.received_at,
+                        complete_after=complete_after,
+                        reason=None,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+
+    def quarantine_entry(self, entry_id: str) -> QuarantineRow | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(quarantine).where(quarantine.c.id == entry_id)).first()
+        return QuarantineRow(**row._mapping) if row else None
+
+    def update_quarantine(self, entry_id: str, *, status_code: int, reason: str) -> None:
+        """A retried entry failed again: keep it with the new status and reason."""
+        with self._tx() as conn:
+            conn.execute(
+                quarantine.update()
+                .where(quarantine.c.id == entry_id)
+                .values(status_code=status_code, reason=reason)
+            )
+
+    def delete_quarantine(self, entry_id: str) -> None:
+        """A retried entry was accepted: it is no longer quarantined."""
+        with self._tx() as conn:
+            conn.execute(quarantine.delete().where(quarantine.c.id == entry_id))

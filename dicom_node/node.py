@@ -42,7 +42,11 @@ class DicomNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.index = Index(config.index_url)
-        self.spool = Spool(config.storage.spool_dir, config.storage.max_disk_used_fraction)
+        self.spool = Spool(
+            config.storage.spool_dir,
+            config.storage.max_disk_used_fraction,
+            config.storage.on_duplicate,
+        )
         self.quarantine = Quarantine(config.storage.quarantine_dir, self.index)
         self.queue = JobQueue(config.queue, config.broker_url)
         self.assembler = StudyAssembler(self.index, self.queue, config.completion, config.queue)

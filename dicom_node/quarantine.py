@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from pathlib import Path
 
+from dicom_node.errors import OutOfResources
 from dicom_node.index import Index
 from dicom_node.spool import durable_write
 
@@ -28,11 +30,13 @@ class Quarantine:
         calling_aet: str,
         sop_uid: str | None,
     ) -> str:
-        """Keep the received bytes with the reason; return the entry id."""
+        """Keep the received bytes with the reason; return the entry id.
+
+        Raises ``OutOfResources`` (and leaves nothing behind) when the entry cannot be kept.
+        """
         entry_id = str(uuid.uuid4())
         folder = self.root / entry_id
         now = time.time()
-        durable_write(folder / "instance.dcm", chunks)
         note = {
             "id": entry_id,
             "received_at": now,
@@ -41,14 +45,22 @@ class Quarantine:
             "reason": reason,
             "sop_instance_uid": sop_uid,
         }
-        durable_write(folder / "reason.json", [json.dumps(note, indent=2).encode()])
-        self.index.record_quarantine(
-            entry_id=entry_id,
-            calling_aet=calling_aet,
-            status_code=status_code,
-            reason=reason,
-            path=str(folder),
-            sop_uid=sop_uid,
-            now=now,
-        )
+        try:
+            durable_write(folder / "instance.dcm", chunks)
+            durable_write(folder / "reason.json", [json.dumps(note, indent=2).encode()])
+            self.index.record_quarantine(
+                entry_id=entry_id,
+                calling_aet=calling_aet,
+                status_code=status_code,
+                reason=reason,
+                path=str(folder),
+                sop_uid=sop_uid,
+                now=now,
+            )
+        except Exception as exc:
+            # An entry the index does not list is one no operator would find: leave none.
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OutOfResources):
+                raise
+            raise OutOfResources(f"cannot quarantine: {type(exc).__name__}") from exc
         return entry_id

@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -51,6 +53,54 @@ def _is_stat(header: Dataset) -> bool:
     for item in header.get("RequestAttributesSequence", []) or []:
         priorities.append(str(item.get("RequestedProcedurePriority", "")))
     return any(p.strip().upper() == "STAT" for p in priorities)
+
+
+def check_instance(
+    stream: bytes, ts: UID, sop_class_uid: str | None, sop_instance_uid: str | None
+) -> Dataset:
+    """The checks every received data set passes before it is kept; return its header.
+
+    ``stream`` is the encoded data set in transfer syntax ``ts``; the UIDs are those the C-STORE
+    request named. Raises ``CorruptDataset`` (answer 0xC000) or ``DatasetMismatch`` (0xA900).
+    Used by the listener and by ``pacs-ai quarantine retry``.
+    """
+    try:
+        has_pixels = check_complete(
+            stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
+        )
+        header = read_dataset(
+            BytesIO(stream),
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            stop_when=_stop_at_pixels,
+        )
+        # Touch the values now so a malformed value fails here, not later in a worker.
+        values = {
+            keyword: str(header.get(keyword, "") or "")
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "Modality",
+            )
+        }
+    except CorruptDataset:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise CorruptDataset(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not values[keyword]:
+            raise DatasetMismatch(f"required attribute {keyword} is missing or empty")
+        if not is_valid_uid(values[keyword]):
+            raise DatasetMismatch(f"{keyword} is not a valid UID")
+    if values["SOPClassUID"] != sop_class_uid:
+        raise DatasetMismatch("SOP Class UID in the data set differs from the request")
+    if values["SOPInstanceUID"] != sop_instance_uid:
+        raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
+    if values["SOPClassUID"] in IMAGE_STORAGE and not has_pixels:
+        raise DatasetMismatch("image SOP class without pixel data")
+    return header
 
 
 class StorageSCP:
@@ -122,47 +172,28 @@ class StorageSCP:
     # --- steps ---------------------------------------------------------------------------
 
     def _parse(self, event: Event, stream: bytes) -> Dataset:
-        ts = event.context.transfer_syntax
         request = cast(C_STORE, event.request)
-        try:
-            has_pixels = check_complete(
-                stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
-            )
-            header = read_dataset(
-                BytesIO(stream),
-                ts.is_implicit_VR,
-                ts.is_little_endian,
-                stop_when=_stop_at_pixels,
-            )
-            # Touch the values now so a malformed value fails here, not later in a worker.
-            values = {
-                keyword: str(header.get(keyword, "") or "")
-                for keyword in (
-                    "SOPClassUID",
-                    "SOPInstanceUID",
-                    "StudyInstanceUID",
-                    "SeriesInstanceUID",
-                    "Modality",
-                )
-            }
-        except CorruptDataset:
-            raise
-        except Exception as exc:  # pydicom raises many types on garbage
-            raise CorruptDataset(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not values[keyword]:
-                raise DatasetMismatch(f"required attribute {keyword} is missing or empty")
-            if not is_valid_uid(values[keyword]):
-                raise DatasetMismatch(f"{keyword} is not a valid UID")
-        if values["SOPClassUID"] != request.AffectedSOPClassUID:
-            raise DatasetMismatch("SOP Class UID in the data set differs from the request")
-        if values["SOPInstanceUID"] != request.AffectedSOPInstanceUID:
-            raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
-        if values["SOPClassUID"] in IMAGE_STORAGE and not has_pixels:
-            raise DatasetMismatch("image SOP class without pixel data")
-        return header
+        return check_instance(
+            stream,
+            event.context.transfer_syntax,
+            request.AffectedSOPClassUID,
+            request.AffectedSOPInstanceUID,
+        )
 
     def _store(self, event: Event, header: Dataset, chunks: list[bytes], calling_aet: str) -> int:
+        study_uid, modality = self.store_instance(
+            header, chunks, str(event.context.transfer_syntax), calling_aet
+        )
+        self._touch(event, study_uid, modality)
+        return SUCCESS
+
+    def store_instance(
+        self, header: Dataset, chunks: list[bytes], transfer_syntax: str, calling_aet: str
+    ) -> tuple[str, str]:
+        """Keep a checked instance on disk and in the index; return (study UID, modality).
+
+        Raises ``OutOfResources`` when it cannot be kept; then no new file is left behind.
+        """
         sop_uid = str(header.SOPInstanceUID)
         study_uid = str(header.StudyInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
@@ -171,11 +202,10 @@ class StorageSCP:
             known = self.index.instance(sop_uid)
         except Exception as exc:
             raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
-        if known is not None:
-            # Idempotent: a sender retrying after a lost response must not create a duplicate.
-            self._touch(event, study_uid, modality)
-            return SUCCESS
-        path = self.spool.store(study_uid, series_uid, sop_uid, chunks)
+        # Idempotent: a sender retrying after a lost response must not create a duplicate. A
+        # known instance whose file has gone is stored again rather than acknowledged unkept.
+        if known is not None and self.spool.on_duplicate == "keep" and Path(known.path).is_file():
+            return study_uid, modality
         now = time.time()
         fallback = self.completion.quiet_period_s
         if modality in self.completion.complete_at_release:
@@ -186,24 +216,31 @@ class StorageSCP:
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
             sop_class_uid=str(header.SOPClassUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=transfer_syntax,
             modality=modality,
-            path=str(path),
+            path=str(self.spool.path_for(study_uid, series_uid, sop_uid)),
             size_bytes=sum(len(c) for c in chunks),
             calling_aet=calling_aet,
             received_at=now,
         )
+        urgent, complete_after = _is_stat(header), now + fallback
+        if known is not None:
+            # Replace: the old file stays whole until the index row describes the new one.
+            with self.spool.replacing(study_uid, series_uid, sop_uid, chunks):
+                self.index.replace_instance(record, urgent=urgent, complete_after=complete_after)
+            if known.path != record.path:
+                Path(known.path).unlink(missing_ok=True)
+            log.info("replaced instance of study %s (%s, %s)", study_uid, modality, calling_aet)
+            return study_uid, modality
+        path = self.spool.store(study_uid, series_uid, sop_uid, chunks)
         try:
-            self.index.record_instance(
-                record, urgent=_is_stat(header), complete_after=now + fallback
-            )
+            self.index.record_instance(record, urgent=urgent, complete_after=complete_after)
         except OutOfResources:
             # The sender gets 0xA700 and retries: no unindexed file may stay behind.
             path.unlink(missing_ok=True)
             raise
-        self._touch(event, study_uid, modality)
         log.info("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
-        return SUCCESS
+        return study_uid, modality
 
     def _touch(self, event: Event, study_uid: str, modality: str) -> None:
         with self._lock:

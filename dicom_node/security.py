@@ -6,13 +6,15 @@ accepted association that then fails. pynetdicom's own ``require_calling_aet`` c
 AE title; a sender is identified here by AE title *and* source address.
 
 TLS contexts are built from PEM files named in the settings (TLS 1.2 or newer); a listener with a
-CA file requires and verifies client certificates (mutual TLS).
+CA file requires and verifies client certificates (mutual TLS). The listener's TLS handshake runs
+in the association's own thread, not in pynetdicom's accept loop (see ``_HandshakeInAssociationThread``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 from typing import Any, TypeVar, cast
 
@@ -92,6 +94,19 @@ class PeerPolicy:
 # --- TLS ------------------------------------------------------------------------------------------
 
 
+class _HandshakeInAssociationThread(ssl.SSLContext):
+    """A server context whose sockets shake hands on first read, in the association's thread.
+
+    pynetdicom wraps accepted sockets in its accept loop; with the default handshake-on-connect a
+    client that connects and sends nothing stalls every other sender until it goes away.
+    """
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if kwargs.get("server_side"):
+            kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def _load_identity(context: ssl.SSLContext, tls: TLSSettings) -> None:
     context.minimum_version = _TLS_VERSIONS[tls.min_version]
     if tls.cert_file is not None and tls.key_file is not None:
@@ -102,7 +117,7 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
     """The listener's TLS context, or None when TLS is off; mutual TLS when a CA file is given."""
     if not tls.enabled:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _HandshakeInAssociationThread(ssl.PROTOCOL_TLS_SERVER)
     _load_identity(context, tls)
     if tls.ca_file is not None:
         context.load_verify_locations(cafile=tls.ca_file)
