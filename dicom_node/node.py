@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.assembly import StudyAssembler
 from dicom_node.index import Index
 from dicom_node.quarantine import Quarantine
-from dicom_node.queue import JobQueue
 from dicom_node.scp import StorageSCP, build_ae, handlers
+from dicom_node.server import (
+    ListenerPool,
+    default_processes,
+    make_handed_server,
+    per_process_limit,
+)
 from dicom_node.settings import (
     CompletionSettings,
     ListenerSettings,
@@ -35,54 +43,126 @@ class NodeConfig:
     index_url: str
     broker_url: str
 
+    def to_json(self) -> str:
+        """The configuration as JSON, for the listener's child processes."""
+        return json.dumps(
+            {
+                "listener": self.listener.model_dump(mode="json"),
+                "storage": self.storage.model_dump(mode="json"),
+                "completion": self.completion.model_dump(mode="json"),
+                "queue": self.queue.model_dump(mode="json"),
+                "index_url": self.index_url,
+                "broker_url": self.broker_url,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeConfig:
+        data = json.loads(text)
+        return cls(
+            listener=ListenerSettings.model_validate(data["listener"]),
+            storage=StorageSettings.model_validate(data["storage"]),
+            completion=CompletionSettings.model_validate(data["completion"]),
+            queue=QueueSettings.model_validate(data["queue"]),
+            index_url=data["index_url"],
+            broker_url=data["broker_url"],
+        )
+
+
+def build_storage_scp(
+    config: NodeConfig, on_study_ready: Callable[[], None] | None = None
+) -> StorageSCP:
+    """The C-STORE handlers with their own index connection, spool and quarantine."""
+    index = Index(config.index_url)
+    return StorageSCP(
+        config.listener,
+        config.completion,
+        index,
+        Spool(
+            config.storage.spool_dir,
+            config.storage.max_disk_used_fraction,
+            config.storage.on_duplicate,
+        ),
+        Quarantine(config.storage.quarantine_dir, index),
+        on_study_ready=on_study_ready,
+    )
+
 
 class DicomNode:
     """Starts and stops the listener and the assembler around one index."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.index = Index(config.index_url)
-        self.spool = Spool(
-            config.storage.spool_dir,
-            config.storage.max_disk_used_fraction,
-            config.storage.on_duplicate,
-        )
-        self.quarantine = Quarantine(config.storage.quarantine_dir, self.index)
+        # Imported here: the listener's child processes import this module but never enqueue.
+        from dicom_node.queue import JobQueue
+
         self.queue = JobQueue(config.queue, config.broker_url)
+        # In the one-process listener these also serve the associations; with several processes
+        # each child builds its own (build_storage_scp) and these serve the node's own reads.
+        self.scp = build_storage_scp(config)
+        self.index = self.scp.index
+        self.spool = self.scp.spool
+        self.quarantine = self.scp.quarantine
         self.assembler = StudyAssembler(self.index, self.queue, config.completion, config.queue)
-        self.scp = StorageSCP(
-            config.listener,
-            config.completion,
-            self.index,
-            self.spool,
-            self.quarantine,
-            on_study_ready=self.assembler.wake,
-        )
+        self.scp.on_study_ready = self.assembler.wake
         self._server: ThreadedAssociationServer | None = None
+        self._pool: ListenerPool | None = None
         self._stopped = threading.Event()
 
     @property
     def port(self) -> int:
         """The bound port (useful when the settings asked for port 0)."""
+        if self._pool is not None:
+            return self._pool.port
         assert self._server is not None, "node not started"
         return int(self._server.server_address[1])
+
+    @property
+    def processes(self) -> int:
+        """Association-server processes (1: threads in this process)."""
+        return self.config.listener.processes or default_processes()
 
     def start(self) -> None:
         swept = self.spool.sweep_partials()
         if swept:
             log.warning("removed %d partial files left by an interrupted write", swept)
         listener = self.config.listener
-        ae = build_ae(listener)
-        self._server = ae.start_server(
-            (listener.host, listener.port), block=False, evt_handlers=handlers(self.scp)
-        )
+        if self.processes == 1:
+            ae = build_ae(listener)
+            self._server = ae.start_server(
+                (listener.host, listener.port), block=False, evt_handlers=handlers(self.scp)
+            )
+        else:
+            self._pool = ListenerPool(
+                self.config.to_json(),
+                (listener.host, listener.port),
+                self.processes,
+                listener.max_associations,
+                on_study_ready=self.assembler.wake,
+            )
+            # This process serves associations too, beside processes - 1 children.
+            ae = build_ae(listener)
+            ae.maximum_associations = per_process_limit(listener.max_associations, self.processes)
+            events = [*handlers(self.scp), (evt.EVT_CONN_CLOSE, self._pool.local_closed)]
+            self._pool.set_local(make_handed_server(ae, (listener.host, listener.port), events))
+            self._pool.start()
         self.assembler.start()
-        log.info("listening as %s on %s:%d", listener.ae_title, listener.host, self.port)
+        log.info(
+            "listening as %s on %s:%d (%d process%s)",
+            listener.ae_title,
+            listener.host,
+            self.port,
+            self.processes,
+            "" if self.processes == 1 else "es",
+        )
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
         self.assembler.stop()
         self.queue.close()
         self.index.close()

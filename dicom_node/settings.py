@@ -86,6 +86,11 @@ class ListenerSettings(Strict):
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu_bytes: int = Field(default=131072, ge=0)
     max_associations: int = Field(default=16, ge=1, le=1000)
+    # Association-server processes. One pynetdicom process uses one core at most and slows down
+    # under concurrent senders, so the node accepts connections and hands each to the process
+    # serving the fewest associations. 0: one per CPU core (at least 2, at most 8); 1: no extra
+    # processes, associations run on threads in the node's own process.
+    processes: int = Field(default=0, ge=0, le=64)
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
