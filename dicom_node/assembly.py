@@ -1,8 +1,19 @@
 """Study assembly: complete studies whose time has come, route them and hand their jobs over.
 
-Runs as one thread beside the listener. Completion timers are rows in the index, so a study in
-flight when the process dies completes after restart; jobs the broker never accepted (broker down,
-crash between commit and publish) stay ``created`` and are handed over on a later pass.
+Runs as one thread beside the listener. Completion is a state machine kept in the index:
+
+    receiving --(released CR/DX, or quiet period over)--> routed by the rules:
+        no rule / rule ignores ........................ ignored (reason)
+        rule matched, required series present ......... queued (a job is created)
+        rule matched, a required series missing ....... waiting (until series_wait_s has passed)
+    waiting --(a new instance)--> receiving
+    waiting --(deadline)--> incomplete (reason), or queued when the rule says when_series_missing: run
+    queued / processing / done / failed / ignored / incomplete --(a late instance)--> receiving
+
+Timers are rows in the index, so a study in flight when the process dies completes after restart;
+jobs the broker never accepted (broker down, crash between commit and publish) stay ``created`` and
+are handed over on a later pass. A study that gets an instance while it is being routed is left
+open and routed again after its new completion time.
 """
 
 from __future__ import annotations
@@ -12,9 +23,9 @@ import threading
 import time
 from typing import Protocol
 
-from dicom_node.index import Index
-from dicom_node.routing import route_study
-from dicom_node.settings import CompletionSettings, QueueSettings
+from dicom_node.index import Index, StudyRow
+from dicom_node.routing import read_study_headers, route_study
+from dicom_node.settings import CompletionSettings, QueueSettings, RoutingSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +43,13 @@ class StudyAssembler:
         sender: JobSender,
         completion: CompletionSettings,
         queues: QueueSettings,
+        routing: RoutingSettings | None = None,
     ) -> None:
         self.index = index
         self.sender = sender
         self.completion = completion
         self.queues = queues
+        self.routing = routing if routing is not None else RoutingSettings()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -49,18 +62,62 @@ class StudyAssembler:
         """Complete due studies and publish pending jobs; return the number of jobs published."""
         now = time.time() if now is None else now
         for study in self.index.due_studies(now):
-            route = route_study(study, self.queues)
-            if route.pipeline is None:
-                self.index.ignore_study(study.study_instance_uid, route.reason, now)
-                log.info("study %s ignored: %s", study.study_instance_uid, route.reason)
-                continue
-            job_id = self.index.create_job(
-                study.study_instance_uid, route.pipeline, route.queue, now
-            )
-            log.info(
-                "study %s complete: %s (job %s)", study.study_instance_uid, route.reason, job_id
-            )
+            try:
+                self._complete(study, now)
+            except Exception:  # one study that cannot be routed must not hold up the others
+                log.exception("routing study %s failed; retrying", study.study_instance_uid)
         return self._publish_pending()
+
+    def _complete(self, study: StudyRow, now: float) -> None:
+        """Route one due study and move it to ignored, waiting, incomplete or queued."""
+        uid = study.study_instance_uid
+        seen = study.last_received_at
+        headers = read_study_headers(self.index.study_instances(uid))
+        route = route_study(headers, self.routing, self.queues)
+        rule = route.rule
+        if rule is None or route.pipeline is None:
+            if self.index.ignore_study(
+                uid, route.reason, now, rule=route.rule_name, seen_last_received_at=seen
+            ):
+                log.info("study %s ignored: %s", uid, route.reason)
+            return
+        note = None
+        if route.missing_series:
+            missing = ", ".join(route.missing_series)
+            until = study.wait_until if study.wait_until is not None else now + rule.series_wait_s
+            if now < until:
+                if self.index.wait_for_series(
+                    uid,
+                    rule=rule.name,
+                    reason=f"waiting up to {rule.series_wait_s:g} s for required series: {missing}",
+                    until=until,
+                    seen_last_received_at=seen,
+                ):
+                    log.info("study %s waits for series %s (rule %s)", uid, missing, rule.name)
+                return
+            if rule.when_series_missing == "incomplete":
+                reason = (
+                    f"incomplete: required series missing after {rule.series_wait_s:g} s: "
+                    f"{missing} (rule {rule.name}); a new instance reopens the study"
+                )
+                if self.index.mark_incomplete(
+                    uid, reason, now, rule=rule.name, seen_last_received_at=seen
+                ):
+                    log.warning("study %s %s", uid, reason)
+                return
+            note = f"ran without required series: {missing}"
+        job_id = self.index.create_job(
+            uid,
+            route.pipeline,
+            route.queue,
+            now,
+            rule=rule.name,
+            route_reason=route.reason,
+            reason=note,
+            seen_last_received_at=seen,
+        )
+        if job_id is not None:
+            log.info("study %s complete: %s (job %s)", uid, route.reason, job_id)
 
     def _publish_pending(self) -> int:
         published = 0

@@ -31,7 +31,13 @@ class StudyStatus(StrEnum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
-    IGNORED = "ignored"  # no pipeline applies; the reason says why
+    IGNORED = "ignored"  # no routing rule applies (or the rule says ignore); the reason says why
+    WAITING = "waiting"  # complete, but a required series is missing; waits until wait_until
+    INCOMPLETE = "incomplete"  # a required series never came; a late instance reopens it
+
+
+# A study in one of these states is handed to routing once complete_after has passed.
+OPEN_STATUSES = (StudyStatus.RECEIVING, StudyStatus.WAITING)
 
 
 class JobStatus(StrEnum):
@@ -63,6 +69,8 @@ instances = sa.Table(
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("calling_aet", sa.String(16), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
+    # Nullable: rows written before the listener recorded it.
+    sa.Column("called_aet", sa.String(16), nullable=True),
 )
 
 studies = sa.Table(
@@ -81,6 +89,11 @@ studies = sa.Table(
     sa.Column("completed_at", sa.Float, nullable=True),
     sa.Column("runs", sa.Integer, nullable=False, default=0),
     sa.Column("reason", sa.Text, nullable=True),
+    # The last routing decision: the rule that matched (null when none did) and why.
+    sa.Column("route_rule", sa.String(64), nullable=True),
+    sa.Column("route_reason", sa.Text, nullable=True),
+    # Deadline for required series, set at the first completion that found one missing.
+    sa.Column("wait_until", sa.Float, nullable=True),
 )
 
 jobs = sa.Table(
@@ -167,6 +180,7 @@ class InstanceRecord:
     size_bytes: int
     calling_aet: str
     received_at: float
+    called_aet: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,9 @@ class StudyRow:
     completed_at: float | None
     runs: int
     reason: str | None
+    route_rule: str | None = None
+    route_reason: str | None = None
+    wait_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add nullable columns introduced since an index was created (no data is rewritten)."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"index table {table.name} lacks required column {column.name}"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 def create_engine(url: str) -> Engine:
     """An engine for the index URL with the durability settings the index needs."""
     if url.startswith("sqlite"):
@@ -255,6 +289,7 @@ class Index:
         self.url = url
         self.engine = create_engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -312,12 +347,20 @@ class Index:
                         urgent=sa.or_(studies.c.urgent, sa.literal(urgent)),
                         instance_count=studies.c.instance_count + 1,
                         last_received_at=rec.received_at,
-                        complete_after=sa.func.max(
-                            sa.func.coalesce(studies.c.complete_after, 0), complete_after
-                        )
-                        if self.engine.dialect.name == "sqlite"
-                        else sa.func.greatest(
-                            sa.func.coalesce(studies.c.complete_after, 0), complete_after
+                        # A study still receiving keeps its latest timer; a study that was
+                        # waiting or finished starts a fresh one (not the wait deadline).
+                        complete_after=sa.case(
+                            (
+                                studies.c.status == StudyStatus.RECEIVING,
+                                sa.func.max(
+                                    sa.func.coalesce(studies.c.complete_after, 0), complete_after
+                                )
+                                if self.engine.dialect.name == "sqlite"
+                                else sa.func.greatest(
+                                    sa.func.coalesce(studies.c.complete_after, 0), complete_after
+                                ),
+                            ),
+                            else_=complete_after,
                         ),
                         reason=None,
                     )
@@ -339,11 +382,11 @@ class Index:
             )
 
     def due_studies(self, now: float) -> list[StudyRow]:
-        """Studies whose completion time has come."""
+        """Studies whose completion time (or wait for required series) has come."""
         with self._tx() as conn:
             rows = conn.execute(
                 sa.select(studies)
-                .where(studies.c.status == StudyStatus.RECEIVING)
+                .where(studies.c.status.in_(OPEN_STATUSES))
                 .where(studies.c.complete_after <= now)
                 .order_by(studies.c.urgent.desc(), studies.c.complete_after)
             ).all()
@@ -379,20 +422,133 @@ class Index:
             ).first()
         return InstanceRecord(**row._mapping) if row else None
 
-    def ignore_study(self, study_uid: str, reason: str, now: float) -> None:
+    def _settle(
+        self,
+        conn: Connection,
+        study_uid: str,
+        seen_last_received_at: float | None,
+        values: dict[str, Any],
+    ) -> bool:
+        """Move an open study on, unless an instance arrived since routing looked at it."""
+        query = (
+            studies.update()
+            .where(studies.c.study_instance_uid == study_uid)
+            .where(studies.c.status.in_(OPEN_STATUSES))
+        )
+        if seen_last_received_at is not None:
+            query = query.where(studies.c.last_received_at == seen_last_received_at)
+        return conn.execute(query.values(**values)).rowcount == 1
+
+    def ignore_study(
+        self,
+        study_uid: str,
+        reason: str,
+        now: float,
+        *,
+        rule: str | None = None,
+        seen_last_received_at: float | None = None,
+    ) -> bool:
+        """No rule routes the study (or its rule says ignore); False if it changed meanwhile."""
         with self._tx() as conn:
-            conn.execute(
-                studies.update()
-                .where(studies.c.study_instance_uid == study_uid)
-                .values(status=StudyStatus.IGNORED, reason=reason, completed_at=now)
+            return self._settle(
+                conn,
+                study_uid,
+                seen_last_received_at,
+                {
+                    "status": StudyStatus.IGNORED,
+                    "reason": reason,
+                    "completed_at": now,
+                    "route_rule": rule,
+                    "route_reason": reason,
+                    "wait_until": None,
+                },
+            )
+
+    def wait_for_series(
+        self,
+        study_uid: str,
+        *,
+        rule: str,
+        reason: str,
+        until: float,
+        seen_last_received_at: float | None = None,
+    ) -> bool:
+        """A required series is missing: re-examine the study at ``until`` or at a new instance."""
+        with self._tx() as conn:
+            return self._settle(
+                conn,
+                study_uid,
+                seen_last_received_at,
+                {
+                    "status": StudyStatus.WAITING,
+                    "reason": reason,
+                    "complete_after": until,
+                    "wait_until": until,
+                    "route_rule": rule,
+                },
+            )
+
+    def mark_incomplete(
+        self,
+        study_uid: str,
+        reason: str,
+        now: float,
+        *,
+        rule: str,
+        seen_last_received_at: float | None = None,
+    ) -> bool:
+        """Required series never came: nothing runs; a late instance reopens the study."""
+        with self._tx() as conn:
+            return self._settle(
+                conn,
+                study_uid,
+                seen_last_received_at,
+                {
+                    "status": StudyStatus.INCOMPLETE,
+                    "reason": reason,
+                    "completed_at": now,
+                    "route_rule": rule,
+                    "wait_until": None,
+                },
             )
 
     # --- jobs ------------------------------------------------------------------------------
 
-    def create_job(self, study_uid: str, pipeline: str, queue: str, now: float) -> str:
-        """Complete a study and create its job (status created) in one transaction."""
+    def create_job(
+        self,
+        study_uid: str,
+        pipeline: str,
+        queue: str,
+        now: float,
+        *,
+        rule: str | None = None,
+        route_reason: str | None = None,
+        reason: str | None = None,
+        seen_last_received_at: float | None = None,
+    ) -> str | None:
+        """Complete a study and create its job (status created) in one transaction.
+
+        None when the study is no longer open, or got an instance after ``seen_last_received_at``
+        (it is routed again after its new completion time).
+        """
         job_id = str(uuid.uuid4())
         with self._tx() as conn:
+            settled = self._settle(
+                conn,
+                study_uid,
+                seen_last_received_at,
+                {
+                    "status": StudyStatus.QUEUED,
+                    "completed_at": now,
+                    "runs": studies.c.runs + 1,
+                    "reason": reason,
+                    "route_rule": rule,
+                    "route_reason": route_reason,
+                    "wait_until": None,
+                },
+            )
+            if not settled:
+                return None
             conn.execute(
                 jobs.insert().values(
                     job_id=job_id,
@@ -402,16 +558,6 @@ class Index:
                     status=JobStatus.CREATED,
                     created_at=now,
                     attempts=0,
-                )
-            )
-            conn.execute(
-                studies.update()
-                .where(studies.c.study_instance_uid == study_uid)
-                .values(
-                    status=StudyStatus.QUEUED,
-                    completed_at=now,
-                    runs=studies.c.runs + 1,
-                    reason=None,
                 )
             )
         return job_id

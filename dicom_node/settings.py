@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import tag_for_keyword
 
 AE_TITLE_RE = re.compile(
     r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
@@ -32,51 +40,6 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
-class TLSSettings(Strict):
-    """DICOM TLS (PS3.15 Annex B) from PEM files; TLS 1.2 or newer only."""
-
-    enabled: bool = False
-    # Our certificate (with its chain) and private key, PEM.
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    # CA certificates (PEM) that sign the peers' certificates. Peers are verified against it.
-    ca_file: Path | None = None
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
-
-    @model_validator(mode="after")
-    def _key_with_cert(self) -> TLSSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
-
-
-class ListenerTLSSettings(TLSSettings):
-    """TLS on the listener: needs our certificate; a ``ca_file`` makes it mutual (client
-    certificates required and verified)."""
-
-    @model_validator(mode="after")
-    def _needs_cert(self) -> ListenerTLSSettings:
-        if self.enabled and self.cert_file is None:
-            raise ValueError("listener TLS needs cert_file and key_file")
-        return self
-
-
-class DestinationTLSSettings(TLSSettings):
-    """TLS to a destination: the server certificate is verified against ``ca_file`` (or the system
-    trust store); ``cert_file``/``key_file`` are our client certificate for mutual TLS."""
-
-    # Off only for peers whose certificate names neither their host name nor their address.
-    check_hostname: bool = True
-
-
-class PeerSettings(Strict):
-    """One sender allowed to associate: its calling AE title and where it connects from."""
-
-    ae_title: AETitle
-    # One address (10.1.2.3, fd00::5) or a network (10.1.2.0/24).
-    address: IPvAnyNetwork
-
-
 class ListenerSettings(Strict):
     """The C-STORE / C-ECHO listener."""
 
@@ -86,19 +49,12 @@ class ListenerSettings(Strict):
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu_bytes: int = Field(default=131072, ge=0)
     max_associations: int = Field(default=16, ge=1, le=1000)
-    # Association-server processes. One pynetdicom process uses one core at most and slows down
-    # under concurrent senders, so the node accepts connections and hands each to the process
-    # serving the fewest associations. 0: one per CPU core (at least 2, at most 8); 1: no extra
-    # processes, associations run on threads in the node's own process.
-    processes: int = Field(default=0, ge=0, le=64)
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
-    # Senders allowed to associate (calling AE title and source address, both must match); others
-    # are rejected at association. Empty: any peer (the listener is on loopback by default).
-    peers: list[PeerSettings] = Field(default_factory=list)
+    # Empty list: any calling AE title is accepted (the listener is on loopback by default).
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     require_called_aet: bool = True
-    tls: ListenerTLSSettings = Field(default_factory=ListenerTLSSettings)
 
 
 class StorageSettings(Strict):
@@ -107,9 +63,6 @@ class StorageSettings(Strict):
     data_dir: Path = Path("pacs-ai-data")
     # Refuse new instances (0xA700) when the spool's file system is fuller than this.
     max_disk_used_fraction: float = Field(default=0.95, gt=0, le=1)
-    # A SOP Instance UID received again: keep the first copy, or replace it (file rewritten
-    # atomically, index row updated, study reopened). Either way the sender gets success.
-    on_duplicate: Literal["keep", "replace"] = "keep"
 
     @property
     def spool_dir(self) -> Path:
@@ -165,4 +118,172 @@ class DestinationSettings(Strict):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AETitle = "PACSAI"
     timeout_s: float = Field(default=30.0, gt=0)
-    tls: DestinationTLSSettings = Field(default_factory=DestinationTLSSettings)
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+# Routing conditions may test these besides DICOM attributes.
+AE_FIELDS = ("calling_aet", "called_aet")
+_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+
+
+def parse_tag_path(path: str) -> tuple[int, ...]:
+    """``Keyword``, ``(gggg,eeee)`` or ``Sequence.Keyword`` (items searched) as a tuple of tags."""
+    tags = []
+    for part in path.split("."):
+        part = part.strip()
+        found = _TAG_RE.match(part)
+        if found:
+            tags.append(int(found.group(1) + found.group(2), 16))
+            continue
+        tag = tag_for_keyword(part)
+        if tag is None:
+            raise ValueError(f"unknown DICOM keyword or tag {part!r} in {path!r}")
+        tags.append(tag)
+    return tuple(tags)
+
+
+def _as_text(value: Any) -> Any:
+    # YAML reads 1 or 3.0 as numbers; conditions compare the text DICOM carries.
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+class NumericRange(Strict):
+    """Inclusive bounds; either may be left out."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NumericRange:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range min {self.min} is above max {self.max}")
+        return self
+
+
+class Condition(Strict):
+    """One test on one attribute: exactly one of equals, regex, one_of, range, exists.
+
+    ``tag`` is a DICOM keyword, ``(gggg,eeee)``, a path into sequence items
+    (``RequestAttributesSequence.RequestedProcedurePriority``) or ``calling_aet`` / ``called_aet``.
+    The condition holds when any value the study shows for the tag satisfies it (every series,
+    every value of a multi-valued attribute, every sequence item). Text comparisons ignore case
+    and surrounding spaces unless ``ignore_case`` is false; ``regex`` searches (anchor it with
+    ``^...$`` for a whole-value match); ``range`` compares numbers and never matches text;
+    ``exists: false`` holds when no value is present.
+    """
+
+    tag: str
+    equals: str | None = None
+    regex: str | None = None
+    one_of: list[str] | None = None
+    range: NumericRange | None = None
+    exists: bool | None = None
+    ignore_case: bool = True
+
+    @field_validator("tag")
+    @classmethod
+    def _known_tag(cls, value: str) -> str:
+        value = value.strip()
+        if value not in AE_FIELDS:
+            parse_tag_path(value)
+        return value
+
+    @field_validator("equals", mode="before")
+    @classmethod
+    def _equals_text(cls, value: Any) -> Any:
+        return _as_text(value)
+
+    @field_validator("one_of", mode="before")
+    @classmethod
+    def _one_of_text(cls, value: Any) -> Any:
+        return [_as_text(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> Condition:
+        given = [
+            name
+            for name in ("equals", "regex", "one_of", "range", "exists")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"condition on {self.tag} needs exactly one of equals, regex, one_of, range, "
+                f"exists (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+
+class AnyOf(Strict):
+    """Holds when at least one of its conditions holds (rules otherwise AND their conditions)."""
+
+    any_of: list[Condition] = Field(min_length=1)
+
+
+class SeriesRequirement(Strict):
+    """A series the study must contain: one series satisfying all ``when`` conditions."""
+
+    name: str = Field(min_length=1)
+    when: list[Condition] = Field(min_length=1)
+
+
+class RouteRule(Strict):
+    """The first rule whose conditions all hold picks the pipeline and the priority."""
+
+    name: str = Field(min_length=1, max_length=64)
+    # Empty: the rule matches every study (a catch-all at the end of the list).
+    when: list[Condition | AnyOf] = Field(default_factory=list)
+    # The pipeline's name; null ignores matching studies on purpose (the rule is the reason).
+    pipeline: str | None
+    priority: Literal["urgent", "routine"] = "routine"
+    # Series that must be present before the study runs ("T1c and FLAIR present").
+    require_series: list[SeriesRequirement] = Field(default_factory=list)
+    # How long a complete study waits for missing required series, counted from its first
+    # completion; then it is marked incomplete with the reason, or run with what it has.
+    series_wait_s: float = Field(default=600.0, ge=0)
+    when_series_missing: Literal["incomplete", "run"] = "incomplete"
+
+
+def default_rules() -> list[RouteRule]:
+    """Chest radiographs to the chest X-ray pipeline; STAT requests on the urgent queue."""
+    chest = Condition(tag="Modality", one_of=["CR", "DX"])
+    stat = AnyOf(
+        any_of=[
+            Condition(tag="RequestedProcedurePriority", equals="STAT"),
+            Condition(tag="RequestAttributesSequence.RequestedProcedurePriority", equals="STAT"),
+        ]
+    )
+    return [
+        RouteRule(name="chest-xray-stat", when=[chest, stat], pipeline="cxr", priority="urgent"),
+        RouteRule(name="chest-xray", when=[chest], pipeline="cxr", priority="routine"),
+    ]
+
+
+class RoutingSettings(Strict):
+    """Which pipeline a complete study goes to, and on which queue; first matching rule wins.
+
+    A study that matches no rule is ignored, with the reason recorded in the index. Studies from
+    ``queue.urgent_calling_aets`` go to the urgent queue whatever their rule's priority.
+    """
+
+    rules: list[RouteRule] = Field(default_factory=default_rules)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutingSettings:
+        names = [rule.name for rule in self.rules]
+        doubles = sorted({n for n in names if names.count(n) > 1})
+        if doubles:
+            raise ValueError(f"routing rule names must be unique: {', '.join(doubles)}")
+        return self

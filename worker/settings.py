@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from dicom_node.settings import (
     CompletionSettings,
@@ -20,11 +20,14 @@ from dicom_node.settings import (
     IndexSettings,
     ListenerSettings,
     QueueSettings,
+    RoutingSettings,
     StorageSettings,
     Strict,
 )
 
 ENV_PREFIX = "PACS_AI__"
+# Pipelines a routing rule may name; a rule naming another one is a settings error.
+PIPELINES = ("cxr",)
 
 
 class ClassifierSettings(Strict):
@@ -76,10 +79,21 @@ class Settings(Strict):
     index: IndexSettings = Field(default_factory=IndexSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+
+    @model_validator(mode="after")
+    def _known_pipelines(self) -> Settings:
+        for rule in self.routing.rules:
+            if rule.pipeline is not None and rule.pipeline not in PIPELINES:
+                raise ValueError(
+                    f"routing rule {rule.name!r}: unknown pipeline {rule.pipeline!r} "
+                    f"(known: {', '.join(PIPELINES)}; null ignores the study)"
+                )
+        return self
 
     @property
     def index_url(self) -> str:
