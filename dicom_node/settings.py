@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     field_validator,
     model_validator,
 )
@@ -40,6 +41,51 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+class TLSSettings(Strict):
+    """DICOM TLS (PS3.15 Annex B) from PEM files; TLS 1.2 or newer only."""
+
+    enabled: bool = False
+    # Our certificate (with its chain) and private key, PEM.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CA certificates (PEM) that sign the peers' certificates. Peers are verified against it.
+    ca_file: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class ListenerTLSSettings(TLSSettings):
+    """TLS on the listener: needs our certificate; a ``ca_file`` makes it mutual (client
+    certificates required and verified)."""
+
+    @model_validator(mode="after")
+    def _needs_cert(self) -> ListenerTLSSettings:
+        if self.enabled and self.cert_file is None:
+            raise ValueError("listener TLS needs cert_file and key_file")
+        return self
+
+
+class DestinationTLSSettings(TLSSettings):
+    """TLS to a destination: the server certificate is verified against ``ca_file`` (or the system
+    trust store); ``cert_file``/``key_file`` are our client certificate for mutual TLS."""
+
+    # Off only for peers whose certificate names neither their host name nor their address.
+    check_hostname: bool = True
+
+
+class PeerSettings(Strict):
+    """One sender allowed to associate: its calling AE title and where it connects from."""
+
+    ae_title: AETitle
+    # One address (10.1.2.3, fd00::5) or a network (10.1.2.0/24).
+    address: IPvAnyNetwork
+
+
 class ListenerSettings(Strict):
     """The C-STORE / C-ECHO listener."""
 
@@ -49,12 +95,19 @@ class ListenerSettings(Strict):
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu_bytes: int = Field(default=131072, ge=0)
     max_associations: int = Field(default=16, ge=1, le=1000)
+    # Association-server processes. One pynetdicom process uses one core at most and slows down
+    # under concurrent senders, so the node accepts connections and hands each to the process
+    # serving the fewest associations. 0: one per CPU core (at least 2, at most 8); 1: no extra
+    # processes, associations run on threads in the node's own process.
+    processes: int = Field(default=0, ge=0, le=64)
     network_timeout_s: float = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
-    # Empty list: any calling AE title is accepted (the listener is on loopback by default).
-    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    # Senders allowed to associate (calling AE title and source address, both must match); others
+    # are rejected at association. Empty: any peer (the listener is on loopback by default).
+    peers: list[PeerSettings] = Field(default_factory=list)
     require_called_aet: bool = True
+    tls: ListenerTLSSettings = Field(default_factory=ListenerTLSSettings)
 
 
 class StorageSettings(Strict):
@@ -63,6 +116,9 @@ class StorageSettings(Strict):
     data_dir: Path = Path("pacs-ai-data")
     # Refuse new instances (0xA700) when the spool's file system is fuller than this.
     max_disk_used_fraction: float = Field(default=0.95, gt=0, le=1)
+    # A SOP Instance UID received again: keep the first copy, or replace it (file rewritten
+    # atomically, index row updated, study reopened). Either way the sender gets success.
+    on_duplicate: Literal["keep", "replace"] = "keep"
 
     @property
     def spool_dir(self) -> Path:
@@ -118,6 +174,7 @@ class DestinationSettings(Strict):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AETitle = "PACSAI"
     timeout_s: float = Field(default=30.0, gt=0)
+    tls: DestinationTLSSettings = Field(default_factory=DestinationTLSSettings)
 
 
 # --- routing ------------------------------------------------------------------------------------
