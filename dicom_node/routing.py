@@ -297,9 +297,12 @@ def _describe(condition: Condition) -> str:
     if condition.regex is not None:
         return f"{condition.tag} matches /{condition.regex}/"
     assert condition.range is not None
-    low = "" if condition.range.min is None else f"{condition.range.min:g}"
-    high = "" if condition.range.max is None else f"{condition.range.max:g}"
-    return f"{condition.tag} in range [{low}, {high}]"
+    low, high = condition.range.min, condition.range.max
+    if low is None:
+        return f"{condition.tag} at most {high:g}"
+    if high is None:
+        return f"{condition.tag} at least {low:g}"
+    return f"{condition.tag} between {low:g} and {high:g}"
 
 
 def _is_patient_data(tag: str) -> bool:

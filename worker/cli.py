@@ -164,6 +164,68 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return files
+
+
+def cmd_route_explain(args: argparse.Namespace) -> int:
+    from dicom_node.routing import headers_from_files, route_study
+
+    settings = _settings(args)
+    called = args.called_aet or settings.listener.ae_title
+    studies, skipped = headers_from_files(
+        _dicom_files(args.paths), calling_aet=args.calling_aet, called_aet=called
+    )
+    for path, why in skipped:
+        print(f"skipped {path}: {why}")
+    if not studies:
+        print("no DICOM study found", file=sys.stderr)
+        return 2
+    for study in studies:
+        route = route_study(study, settings.routing, settings.queue)
+        modalities = sorted({str(ds.get("Modality", "") or "?") for ds in study.series})
+        print(
+            f"study {study.study_instance_uid}: {study.instance_count} instance(s) in "
+            f"{len(study.series)} series, modality {', '.join(modalities)}"
+        )
+        print(
+            f"  calling AE {args.calling_aet or '(not given: --calling-aet)'}, called AE {called}"
+        )
+        tried = {o.rule.name: o for o in route.outcomes}
+        for number, rule in enumerate(settings.routing.rules, start=1):
+            outcome = tried.get(rule.name)
+            if outcome is None:
+                print(f"  {number}. {rule.name}: not tried (an earlier rule matched)")
+                continue
+            verdict = "MATCH" if outcome.matched else "no match"
+            print(f"  {number}. {rule.name}: {verdict} — {outcome.detail()}")
+            for requirement in rule.require_series if outcome.matched else []:
+                state = "MISSING" if requirement.name in outcome.missing_series else "present"
+                print(f"       required series {requirement.name}: {state}")
+        if route.rule is None:
+            print("  → ignored: no rule matched")
+        elif route.pipeline is None:
+            print(f"  → ignored by rule {route.rule.name}")
+        else:
+            print(f"  → pipeline {route.pipeline}, priority {route.priority}, queue {route.queue}")
+            if route.missing_series:
+                then = (
+                    "then marked incomplete"
+                    if route.rule.when_series_missing == "incomplete"
+                    else "then run with what it has"
+                )
+                print(
+                    f"    but waits up to {route.rule.series_wait_s:g} s for "
+                    f"{', '.join(route.missing_series)}, {then}"
+                )
+        if route.urgent_because:
+            print(f"    urgent because {route.urgent_because}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-ai",
@@ -284,6 +346,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="model folder to write")
     m.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     m.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser(
+        "route", help="routing rules: which pipeline and queue a study gets, and why"
+    )
+    rsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = rsub.add_parser(
+        "explain",
+        help="show which routing rule a study matches, why earlier rules did not, and the queue",
+        description=(
+            "Read the headers of DICOM files (folders are searched), group them by study and apply\n"
+            "the routing rules of the settings file as the node does at completion: each rule in\n"
+            "order with the condition that failed and the value seen, then the pipeline, the\n"
+            "priority and the queue. Patient identifiers are not printed."
+        ),
+        formatter_class=raw,
+    )
+    _add_config(r)
+    r.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_FOLDER", help="DICOM files")
+    r.add_argument(
+        "--calling-aet", default=None, help="the AE title that would send the study (default none)"
+    )
+    r.add_argument(
+        "--called-aet", default=None, help="the AE title it would be sent to (default: ours)"
+    )
+    r.set_defaults(func=cmd_route_explain)
     return parser
 
 
