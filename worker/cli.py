@@ -175,9 +175,8 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
     from dicom_node.routing import headers_from_files, route_study
 
     settings = _settings(args)
-    called = args.called_aet or settings.listener.ae_title
     studies, skipped = headers_from_files(
-        _dicom_files(args.paths), calling_aet=args.calling_aet, called_aet=called
+        _dicom_files(args.paths), calling_aet=args.calling_aet, called_aet=args.called_aet
     )
     for path, why in skipped:
         print(f"skipped {path}: {why}")
@@ -192,7 +191,8 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
             f"{len(study.series)} series, modality {', '.join(modalities)}"
         )
         print(
-            f"  calling AE {args.calling_aet or '(not given: --calling-aet)'}, called AE {called}"
+            f"  calling AE {args.calling_aet or '(not given: --calling-aet)'}, "
+            f"called AE {args.called_aet or '(not given: --called-aet)'}"
         )
         tried = {o.rule.name: o for o in route.outcomes}
         for number, rule in enumerate(settings.routing.rules, start=1):
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calling-aet", default=None, help="the AE title that would send the study (default none)"
     )
     r.add_argument(
-        "--called-aet", default=None, help="the AE title it would be sent to (default: ours)"
+        "--called-aet", default=None, help="the AE title it would be sent to (default none)"
     )
     r.set_defaults(func=cmd_route_explain)
     return parser

@@ -248,3 +248,40 @@ def test_late_instance_after_completion_reopens_the_study_and_queues_a_second_jo
     broker = redis.Redis.from_url(redis_url)
     messages = broker.lrange("routine", 0, -1)
     assert {job_id for job_id in both if any(job_id.encode() in m for m in messages)} == set(both)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_index_written_by_the_previous_version_opens_with_its_studies(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import sqlalchemy as sa
+
+    url = (
+        f"sqlite:///{tmp_path / 'old.sqlite3'}"
+        if database == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    index = Index(url)
+    with index.engine.begin() as conn:  # the columns this version added did not exist before
+        for table, column in [
+            ("studies", "route_rule"),
+            ("studies", "route_reason"),
+            ("studies", "wait_until"),
+            ("instances", "called_aet"),
+        ]:
+            conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO studies (study_instance_uid, status, modality, urgent, calling_aet,"
+                " instance_count, first_received_at, last_received_at, complete_after, runs)"
+                " VALUES ('1.2.3', 'done', 'CR', false, 'WARD', 1, 1.0, 1.0, 1.0, 1)"
+            )
+        )
+    index.close()
+
+    index = Index(url)
+    try:
+        row = index.study("1.2.3")
+        assert row is not None and row.status == StudyStatus.DONE and row.route_rule is None
+    finally:
+        index.close()
