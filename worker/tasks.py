@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.index import DeliveryStatus, JobRow
@@ -25,6 +27,7 @@ from worker.pipelines import cxr
 log = logging.getLogger(__name__)
 
 SR_KIND = "findings-sr"
+REPORT_KIND = "report-sr"
 WEBHOOK = "webhook"
 
 
@@ -74,18 +77,20 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     )
     sr = result.sr
     sr_uid = str(sr.SOPInstanceUID)
-    path = settings.storage.outputs_dir / job.study_instance_uid / f"{sr_uid}.dcm"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    sr.save_as(tmp, enforce_file_format=True)
-    durable_write(path, [tmp.read_bytes()])
-    tmp.unlink()
-    ctx.index.record_output(
-        sr_uid, job.study_instance_uid, job.job_id, SR_KIND, str(path), time.time()
-    )
+    for kind, dataset in ((SR_KIND, sr), (REPORT_KIND, result.report)):
+        path = _write_output(settings.storage.outputs_dir / job.study_instance_uid, dataset)
+        ctx.index.record_output(
+            str(dataset.SOPInstanceUID),
+            job.study_instance_uid,
+            job.job_id,
+            kind,
+            str(path),
+            time.time(),
+        )
     card = result.card
     return {
         "sr_sop_instance_uid": sr_uid,
+        "report_sop_instance_uid": str(result.report.SOPInstanceUID),
         "accession_number": str(sr.get("AccessionNumber", "") or ""),
         "model": {"name": card.name, "version": card.version, "demo": card.demo},
         "findings": [
@@ -99,6 +104,15 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             for f in result.findings
         ],
     }
+
+
+def _write_output(folder: Path, dataset: Dataset) -> Path:
+    """Write an output object durably (temporary name, fsync, rename) and return its path."""
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
+    durable_write(path, [buffer.getvalue()])
+    return path
 
 
 def deliver_pending(ctx: WorkerContext, job_id: str) -> PendingWork:

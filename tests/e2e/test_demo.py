@@ -42,11 +42,14 @@ def test_demo_delivers_an_sr_for_every_study_and_alerts_the_pneumothorax(
     assert "real SIIM chest X-ray" in out
     assert "pneumothorax (synthetic, PA)" in out
     assert "alert sent" in out
-    srs = sorted((workdir / "pacs").glob("*.dcm"))
-    assert len(srs) == 5, "one SR per study: four synthetic studies and the real file"
-    for path in srs:
-        sr = pydicom.dcmread(path)
-        assert sr.Modality == "SR"
+    srs = [pydicom.dcmread(p) for p in sorted((workdir / "pacs").glob("*.dcm"))]
+    findings = [sr for sr in srs if sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]
+    drafts = [sr for sr in srs if sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.22"]
+    # Per study (four synthetic studies and the real file): a findings SR and a narrative draft.
+    assert (len(findings), len(drafts)) == (5, 5)
+    for sr in findings:
+        assert sr.SOPInstanceUID in out, "the table names every findings SR instance UID"
+    for sr in srs:
         assert "DEMO / NOT FOR CLINICAL USE" in sr.SeriesDescription
-        assert sr.SOPInstanceUID in out, "the table names every SR instance UID"
+    for path in sorted((workdir / "pacs").glob("*.dcm")):
         assert dciodvfy(path).ok

@@ -154,6 +154,13 @@ def test_studies_sent_by_storescu_come_back_as_valid_srs_in_orthanc_and_pneumoth
             assert referenced == sources[name], "the SR's evidence must list every source image"
             deliveries = index.deliveries_of(sr_uid)
             assert [d["status"] for d in deliveries] == ["delivered"]
+            # The narrative draft travels with it and passes the validator too.
+            draft_path = tmp_path / f"{name}-draft.dcm"
+            draft_path.write_bytes(
+                orthanc.wait_for_sop(str(result["report_sop_instance_uid"]), timeout=60)
+            )
+            assert dciodvfy(draft_path).ok
+            assert pydicom.dcmread(draft_path).PreliminaryFlag == "PRELIMINARY"
 
         by_finding = {f["finding"]: f for f in results[studies["ptx"]]["findings"]}  # type: ignore[attr-defined]
         assert by_finding["pneumothorax"]["present"] and by_finding["pneumothorax"]["urgent"]

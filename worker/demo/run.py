@@ -176,7 +176,8 @@ def _summary_table(
         else:
             all_ok = False
             where, latency = "[red]not delivered[/]", "-"
-        table.add_row(study.label, "\n".join(lines), urgent, f"{sr_uid}\n→ {where}", latency)
+        draft = "\n+ narrative draft SR" if result.get("report_sop_instance_uid") else ""
+        table.add_row(study.label, "\n".join(lines), urgent, f"{sr_uid}\n→ {where}{draft}", latency)
     return table, all_ok
 
 
@@ -278,7 +279,10 @@ def run_demo(workdir: Path, *, include_real: bool = True, real_dir: Path | None 
                 console.print(
                     f"  [red]{body.get('finding')}[/] p={body.get('probability')} study {body.get('study_instance_uid')} accession {body.get('accession_number')} [{body.get('label', '')}]"
                 )
-            console.print(f"SRs received by the PACS: {len(pacs.received)} (in {pacs.folder})")
+            console.print(
+                f"SRs received by the PACS: {len(pacs.received)} (findings and narrative draft per "
+                f"study, in {pacs.folder})"
+            )
             index.close()
             exit_code = 0 if all_ok else 1
     finally:

@@ -182,7 +182,7 @@ def build_findings_sr(
         contributing_equipment=[equipment],
         series_description=series_description,
     )
-    _drop_invalid_copied_attributes(sr, next(iter(images.values())))
+    clean_copied_attributes(sr, next(iter(images.values())))
     return sr
 
 
@@ -220,7 +220,7 @@ _STUDY_KEYWORDS = frozenset(
 )
 
 
-def _drop_invalid_copied_attributes(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
+def clean_copied_attributes(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
     """Empty or drop patient/study values copied from the source that break their VR.
 
     highdicom copies the Patient and Study modules verbatim, and real PACS traffic carries

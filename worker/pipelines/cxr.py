@@ -2,7 +2,7 @@
 
 Steps (each a function that can be tested alone):
 ``load_images`` → ``select_frontal`` → ``decode_images`` → ``classify`` → ``decide_findings`` →
-``build_findings_sr``.
+``build_findings_sr`` → ``build_report_sr`` (the narrative draft).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dicom_node.sop import IMAGE_STORAGE
 from worker.findings import DecodedImage, FindingResult, ModelCard
 from worker.imaging.decode import decode_instance
 from worker.models.base import Classifier
+from worker.outputs.report import build_report_sr
 from worker.outputs.sr import build_findings_sr
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class NoUsableImages(Exception):
 class CxrResult:
     findings: list[FindingResult]
     sr: Dataset
+    report: Dataset
     card: ModelCard
 
 
@@ -121,4 +123,12 @@ def run(
         manufacturer=manufacturer,
         institution_name=institution_name,
     )
-    return CxrResult(findings=findings, sr=sr, card=classifier.card)
+    report = build_report_sr(
+        images,
+        findings,
+        classifier.card,
+        sr,
+        manufacturer=manufacturer,
+        institution_name=institution_name,
+    )
+    return CxrResult(findings=findings, sr=sr, report=report, card=classifier.card)
