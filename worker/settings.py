@@ -33,8 +33,13 @@ PIPELINES = ("cxr",)
 class ClassifierSettings(Strict):
     """A chest X-ray triage classifier, loaded from a local folder (never from a hub)."""
 
-    adapter: Literal["pacs-ai-cnn"] = "pacs-ai-cnn"
-    # Model folder. None: the demo model, built on first use in the data directory.
+    # The model folder's format (worker/models/): pacs-ai-cnn (the project's own, the demo),
+    # torchxrayvision (DenseNet-121/ResNet-50 weights), torchscript (a torch.jit.save file) or
+    # huggingface (a save_pretrained image-classification folder). Every format but pacs-ai-cnn
+    # has a pacs-ai.json beside the weights: card, label -> finding map, thresholds, preprocessing.
+    adapter: Literal["pacs-ai-cnn", "torchxrayvision", "torchscript", "huggingface"] = "pacs-ai-cnn"
+    # Model folder. None: the demo model (pacs-ai-cnn only), built on first use in the data
+    # directory.
     path: Path | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from worker.models.base import Classifier, ModelLoadError
 from worker.settings import ClassifierSettings
+from worker.templates import code_map
 
 __all__ = ["CLASSIFIER_ADAPTERS", "Classifier", "ModelLoadError", "load_classifier"]
 
@@ -28,10 +29,33 @@ def _load_pacs_ai_cnn(folder: Path, device: str) -> Classifier:
     return pacs_ai_cnn.load(folder, device)
 
 
+def _load_torchxrayvision(folder: Path, device: str) -> Classifier:
+    from worker.models import torchxrayvision
+
+    return torchxrayvision.load(folder, device)
+
+
+def _load_torchscript(folder: Path, device: str) -> Classifier:
+    from worker.models import torchscript
+
+    return torchscript.load(folder, device)
+
+
+def _load_huggingface(folder: Path, device: str) -> Classifier:
+    from worker.models import huggingface
+
+    return huggingface.load(folder, device)
+
+
 CLASSIFIER_ADAPTERS: Mapping[str, AdapterLoader] = MappingProxyType(
-    {"pacs-ai-cnn": _load_pacs_ai_cnn}
+    {
+        "pacs-ai-cnn": _load_pacs_ai_cnn,
+        "torchxrayvision": _load_torchxrayvision,
+        "torchscript": _load_torchscript,
+        "huggingface": _load_huggingface,
+    }
 )
-"""Adapter name -> loader. A new adapter (TorchScript, torchxrayvision, HF) is one more entry."""
+"""Adapter name -> loader. A new adapter is one more entry (and one module)."""
 
 
 def _demo_model(demo_dir: Path) -> Path:
@@ -63,6 +87,15 @@ def load_classifier(settings: ClassifierSettings, *, demo_dir: Path) -> Classifi
             f"adapter {settings.adapter!r} needs a model path; the demo is pacs-ai-cnn"
         )
     classifier = loader(folder, settings.device)
+    # The SR codes every finding it reports; a finding without a code would fail on the first
+    # study instead of at start-up.
+    coded = code_map().findings
+    uncoded = [finding for finding in classifier.card.findings if finding not in coded]
+    if uncoded:
+        raise ModelLoadError(
+            f"model {classifier.card.name} outputs findings with no code in templates/codes.yaml: "
+            f"{', '.join(uncoded)} (map them to one of {', '.join(coded)} or leave them out)"
+        )
     # A misspelt finding in the site's operating points would silently fall back to the model
     # default; refuse it at start-up instead.
     findings = set(classifier.card.findings)
