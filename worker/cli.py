@@ -164,6 +164,56 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
+    from worker.evaluation import (
+        EvaluationError,
+        evaluate_classifier,
+        format_table,
+        write_csv,
+        write_json,
+    )
+    from worker.models import ModelLoadError, load_classifier
+
+    settings = _settings(args)
+    triage = settings.models.cxr_triage
+    for name in ("target_sensitivity", "target_ppv"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 < value <= 1.0:
+            print(f"--{name.replace('_', '-')} must lie in (0, 1]", file=sys.stderr)
+            return 2
+
+    def progress(message: str) -> None:
+        print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+    try:
+        # The worker's demo model folder (worker.context.WorkerContext.demo_model_dir).
+        classifier = load_classifier(
+            triage, demo_dir=settings.storage.data_dir / "models" / "demo-cxr"
+        )
+        evaluation = evaluate_classifier(
+            classifier,
+            args.data,
+            args.labels,
+            triage.thresholds,
+            target_sensitivity=args.target_sensitivity,
+            target_ppv=args.target_ppv,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            progress=None if args.quiet else progress,
+        )
+    except (ModelLoadError, EvaluationError) as exc:
+        print(f"cannot evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(evaluation))
+    if args.json:
+        write_json(evaluation, args.json)
+        print(f"JSON written to {args.json}")
+    if args.csv:
+        write_csv(evaluation, args.csv)
+        print(f"CSV written to {args.csv}")
+    return 0
+
+
 def _dicom_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
@@ -346,6 +396,48 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="model folder to write")
     m.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     m.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser("evaluate", help="validate a model on local labelled images before go-live")
+    esub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    e = esub.add_parser(
+        "classifier",
+        help="AUC with 95%% CI, sensitivity/specificity at the thresholds, suggested thresholds",
+        description=(
+            "Run the configured triage classifier (models.cxr_triage) over every DICOM image in\n"
+            "--data and compare with --labels: a CSV with a header row, a key column\n"
+            "(sop_instance_uid, or file: the file name or its path under --data) and one column\n"
+            "per finding key with 1, 0 or empty. Prints per finding the AUC with a seeded\n"
+            "bootstrap 95%% CI and sensitivity, specificity, PPV and NPV at the configured\n"
+            "threshold (score >= threshold is positive); with --target-sensitivity/--target-ppv\n"
+            "it suggests thresholds. Progress goes to stderr."
+        ),
+        formatter_class=raw,
+    )
+    _add_config(e)
+    e.add_argument("--data", type=Path, required=True, metavar="FOLDER", help="DICOM images")
+    e.add_argument("--labels", type=Path, required=True, metavar="CSV", help="labels file")
+    e.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="suggest the highest threshold with sensitivity >= S (e.g. 0.95)",
+    )
+    e.add_argument(
+        "--target-ppv",
+        type=float,
+        default=None,
+        metavar="P",
+        help="suggest the lowest threshold with PPV >= P (e.g. 0.8)",
+    )
+    e.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (default 1000)"
+    )
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    e.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write JSON")
+    e.add_argument("--csv", type=Path, default=None, metavar="FILE", help="also write CSV")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    e.set_defaults(func=cmd_evaluate_classifier)
 
     p = sub.add_parser(
         "route", help="routing rules: which pipeline and queue a study gets, and why"
