@@ -243,6 +243,10 @@ def _job(row: Any) -> JobRow:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling opens and commits transactions behind SQLAlchemy's back
+    # and breaks SAVEPOINTs: a failed insert could leave a pooled connection stuck in a stale
+    # transaction. Autocommit at the driver, and SQLAlchemy's "begin" event emits BEGIN itself.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the one writer; FULL makes a committed row survive power loss.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -251,21 +255,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE takes the write lock up front: a transaction that reads then writes can never fail
+    # with "database is locked" on the upgrade (busy_timeout does not retry that case), it waits.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """Add nullable columns introduced since an index was created (no data is rewritten)."""
+    # Inspect first, alter after: the inspector has its own connection, and holding a write
+    # transaction open while it reads would wait on ourselves.
     inspector = sa.inspect(engine)
+    missing = []
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"index table {table.name} lacks required column {column.name}")
+            missing.append((table.name, column.name, column.type.compile(dialect=engine.dialect)))
+    if not missing:
+        return
     with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(
-                        f"index table {table.name} lacks required column {column.name}"
-                    )
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+        for table_name, column_name, kind in missing:
+            conn.execute(sa.text(f'ALTER TABLE {table_name} ADD COLUMN "{column_name}" {kind}'))
 
 
 def create_engine(url: str) -> Engine:
@@ -276,6 +290,7 @@ def create_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -313,6 +328,15 @@ class Index:
                     with conn.begin_nested():
                         conn.execute(instances.insert().values(**rec.__dict__))
                 except IntegrityError:
+                    # Only a row that is really there makes this an idempotent duplicate; any
+                    # other constraint failure must not be acknowledged as stored.
+                    known = conn.execute(
+                        sa.select(instances.c.sop_instance_uid).where(
+                            instances.c.sop_instance_uid == rec.sop_instance_uid
+                        )
+                    ).first()
+                    if known is None:
+                        raise
                     return False
                 existing = conn.execute(
                     sa.select(studies.c.status, studies.c.urgent)

@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -25,6 +25,7 @@ from dicom_node.settings import (
     CompletionSettings,
     ListenerSettings,
     QueueSettings,
+    RoutingSettings,
     StorageSettings,
 )
 from dicom_node.spool import Spool
@@ -42,6 +43,7 @@ class NodeConfig:
     queue: QueueSettings
     index_url: str
     broker_url: str
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     def to_json(self) -> str:
         """The configuration as JSON, for the listener's child processes."""
@@ -53,6 +55,7 @@ class NodeConfig:
                 "queue": self.queue.model_dump(mode="json"),
                 "index_url": self.index_url,
                 "broker_url": self.broker_url,
+                "routing": self.routing.model_dump(mode="json"),
             }
         )
 
@@ -66,6 +69,7 @@ class NodeConfig:
             queue=QueueSettings.model_validate(data["queue"]),
             index_url=data["index_url"],
             broker_url=data["broker_url"],
+            routing=RoutingSettings.model_validate(data["routing"]),
         )
 
 
@@ -103,7 +107,9 @@ class DicomNode:
         self.index = self.scp.index
         self.spool = self.scp.spool
         self.quarantine = self.scp.quarantine
-        self.assembler = StudyAssembler(self.index, self.queue, config.completion, config.queue)
+        self.assembler = StudyAssembler(
+            self.index, self.queue, config.completion, config.queue, config.routing
+        )
         self.scp.on_study_ready = self.assembler.wake
         self._server: ThreadedAssociationServer | None = None
         self._pool: ListenerPool | None = None

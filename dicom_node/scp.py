@@ -182,13 +182,22 @@ class StorageSCP:
 
     def _store(self, event: Event, header: Dataset, chunks: list[bytes], calling_aet: str) -> int:
         study_uid, modality = self.store_instance(
-            header, chunks, str(event.context.transfer_syntax), calling_aet
+            header,
+            chunks,
+            str(event.context.transfer_syntax),
+            calling_aet,
+            called_aet=event.assoc.acceptor.ae_title.strip(),
         )
         self._touch(event, study_uid, modality)
         return SUCCESS
 
     def store_instance(
-        self, header: Dataset, chunks: list[bytes], transfer_syntax: str, calling_aet: str
+        self,
+        header: Dataset,
+        chunks: list[bytes],
+        transfer_syntax: str,
+        calling_aet: str,
+        called_aet: str | None = None,
     ) -> tuple[str, str]:
         """Keep a checked instance on disk and in the index; return (study UID, modality).
 
@@ -222,6 +231,7 @@ class StorageSCP:
             size_bytes=sum(len(c) for c in chunks),
             calling_aet=calling_aet,
             received_at=now,
+            called_aet=called_aet,
         )
         urgent, complete_after = _is_stat(header), now + fallback
         if known is not None:

@@ -39,6 +39,7 @@ def node_config(settings: Settings, broker_url: str) -> NodeConfig:
         queue=settings.queue,
         index_url=settings.index_url,
         broker_url=broker_url,
+        routing=settings.routing,
     )
 
 

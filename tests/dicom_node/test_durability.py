@@ -112,13 +112,6 @@ def test_index_that_refuses_the_row_answers_0xA700_and_the_written_file_is_remov
     assert _files_under(node.spool.root) == [], "an unindexed file stayed in the spool"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, not fixed here: a failed insert inside record_instance's SAVEPOINT can leave "
-    "a pooled pysqlite connection in a stale transaction (pysqlite's legacy transaction handling "
-    "breaks SAVEPOINTs), so the node may answer 0xA700 until restarted. Fix: SQLAlchemy's pysqlite "
-    "recipe (isolation_level=None on connect, emit BEGIN on begin) in index.create_engine",
-)
 def test_index_that_recovers_accepts_again_without_a_restart(
     start_node: StartNode, tmp_path: Path
 ) -> None:
