@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from dicom_node.errors import OutOfResources
 
@@ -151,6 +151,13 @@ alerts = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("delivered_at", sa.Float, nullable=True),
+    # The alert as sent (JSON), so a retry hours later sends the same content.
+    sa.Column("payload_json", sa.Text, nullable=True),
+    # Retries back off; a sender leases a row by moving this forward before it sends.
+    sa.Column("next_attempt_at", sa.Float, nullable=True, index=True),
+    # Acknowledging any channel's alert acknowledges the study's finding on every channel.
+    sa.Column("acknowledged_at", sa.Float, nullable=True),
+    sa.Column("acknowledged_by", sa.String(64), nullable=True),
     # One alert per study, finding and channel: re-runs do not re-alert.
     sa.UniqueConstraint("study_instance_uid", "finding", "channel"),
 )
@@ -248,10 +255,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # transaction. Autocommit at the driver, and SQLAlchemy's "begin" event emits BEGIN itself.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    # Wait for a lock rather than fail: several listener processes open the index at once.
+    cursor.execute("PRAGMA busy_timeout=30000")
     # WAL lets readers run beside the one writer; FULL makes a committed row survive power loss.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -303,8 +311,21 @@ class Index:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        self._create_schema()
+
+    def _create_schema(self, timeout_s: float = 60.0) -> None:
+        # Processes starting together race to create the tables; the loser waits and re-checks.
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                metadata.create_all(self.engine)
+                _add_missing_columns(self.engine)
+                return
+            except OperationalError as exc:
+                transient = "locked" in str(exc) or "already exists" in str(exc)
+                if not transient or time.time() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -744,9 +765,18 @@ class Index:
     # --- alerts ----------------------------------------------------------------------------
 
     def claim_alert(
-        self, study_uid: str, finding: str, channel: str, probability: float, now: float
+        self,
+        study_uid: str,
+        finding: str,
+        channel: str,
+        probability: float,
+        now: float,
+        payload: dict[str, Any] | None = None,
     ) -> tuple[int, bool]:
-        """Return (alert id, already delivered) creating the alert row on first sight."""
+        """Return (alert id, created) creating the pending alert row on first sight.
+
+        The unique (study, finding, channel) row is what keeps a re-run from alerting again.
+        """
         with self._tx() as conn:
             try:
                 with conn.begin_nested():
@@ -759,21 +789,51 @@ class Index:
                             status=DeliveryStatus.PENDING,
                             attempts=0,
                             created_at=now,
+                            payload_json=json.dumps(payload) if payload is not None else None,
+                            next_attempt_at=now,
                         )
                     )
                     pk = result.inserted_primary_key
                     assert pk is not None
-                    return int(pk[0]), False
+                    return int(pk[0]), True
             except IntegrityError:
                 row = conn.execute(
-                    sa.select(alerts.c.id, alerts.c.status)
+                    sa.select(alerts.c.id)
                     .where(alerts.c.study_instance_uid == study_uid)
                     .where(alerts.c.finding == finding)
                     .where(alerts.c.channel == channel)
                 ).one()
-                return int(row.id), row.status == DeliveryStatus.DELIVERED
+                return int(row.id), False
 
-    def record_alert_attempt(self, alert_id: int, now: float, *, error: str | None) -> None:
+    def due_alerts(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+        """Pending, unacknowledged alerts whose next attempt is due, oldest first."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(alerts)
+                .where(alerts.c.status == DeliveryStatus.PENDING)
+                .where(alerts.c.acknowledged_at.is_(None))
+                .where(alerts.c.next_attempt_at <= now)
+                .order_by(alerts.c.next_attempt_at)
+                .limit(limit)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def lease_alert(self, alert_id: int, seen_next_attempt: float, until: float) -> bool:
+        """Take an alert for sending: only one sender wins when several workers look at once."""
+        with self._tx() as conn:
+            result = conn.execute(
+                alerts.update()
+                .where(alerts.c.id == alert_id)
+                .where(alerts.c.status == DeliveryStatus.PENDING)
+                .where(alerts.c.next_attempt_at == seen_next_attempt)
+                .values(next_attempt_at=until)
+            )
+        return bool(result.rowcount == 1)
+
+    def record_alert_attempt(
+        self, alert_id: int, now: float, *, error: str | None, next_attempt_at: float | None = None
+    ) -> None:
+        """Record one delivery attempt; a failed one is retried at ``next_attempt_at``."""
         with self._tx() as conn:
             conn.execute(
                 alerts.update()
@@ -783,8 +843,49 @@ class Index:
                     status=DeliveryStatus.DELIVERED if error is None else DeliveryStatus.PENDING,
                     last_error=error,
                     delivered_at=now if error is None else None,
+                    next_attempt_at=None if error is None else next_attempt_at,
                 )
             )
+
+    def acknowledge_alert(self, alert_id: int, by: str, now: float) -> int:
+        """Acknowledge the alert's study and finding on every channel; return rows acknowledged."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(alerts.c.study_instance_uid, alerts.c.finding).where(
+                    alerts.c.id == alert_id
+                )
+            ).first()
+            if row is None:
+                return 0
+            result = conn.execute(
+                alerts.update()
+                .where(alerts.c.study_instance_uid == row.study_instance_uid)
+                .where(alerts.c.finding == row.finding)
+                .where(alerts.c.acknowledged_at.is_(None))
+                .values(acknowledged_at=now, acknowledged_by=by[:64])
+            )
+        return int(result.rowcount)
+
+    def unacknowledged_before(self, created_before: float) -> list[dict[str, Any]]:
+        """One alert row per study and finding still unacknowledged since before the given time."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(alerts)
+                .where(alerts.c.acknowledged_at.is_(None))
+                .where(alerts.c.created_at <= created_before)
+                .order_by(alerts.c.created_at)
+            ).all()
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            seen.setdefault((r.study_instance_uid, r.finding), dict(r._mapping))
+        return list(seen.values())
+
+    def list_alerts(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)
+            ).all()
+        return [dict(r._mapping) for r in rows]
 
     def study_alerts(self, study_uid: str) -> list[dict[str, Any]]:
         with self._tx() as conn:

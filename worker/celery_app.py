@@ -48,6 +48,8 @@ def create_app(settings: Settings, broker_url: str) -> Celery:
         # Load the model before the first job: an urgent study must not pay for the load.
         card = context.cxr_classifier().card
         log.info("model %s %s loaded%s", card.name, card.version, " (DEMO)" if card.demo else "")
+        # Retries and escalations of urgent alerts, independent of the job queue.
+        context.dispatcher.start()
 
     worker_ready.connect(warm_up, weak=False)
 

@@ -142,6 +142,49 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts_list(args: argparse.Namespace) -> int:
+    from dicom_node.index import Index
+
+    index = Index(_settings(args).index_url)
+    rows = index.list_alerts(limit=args.limit)
+    if not rows:
+        print("no alerts")
+    print(
+        f"{'id':>5}  {'raised':19}  {'finding':16} {'p':>5}  {'channel':18} {'status':9} {'tries':>5}  acknowledged"
+    )
+    for a in rows:
+        ack = (
+            f"{_when(a['acknowledged_at'])} by {a['acknowledged_by']}"
+            if a["acknowledged_at"]
+            else "NO"
+        )
+        print(
+            f"{a['id']:>5}  {_when(a['created_at']):19}  {a['finding']:16} {a['probability']:>5.2f}  "
+            f"{a['channel']:18} {a['status']:9} {a['attempts']:>5}  {ack}"
+        )
+        print(
+            f"{'':7}study {a['study_instance_uid']}"
+            + (f"\n{'':7}last error: {a['last_error']}" if a["last_error"] else "")
+        )
+    index.close()
+    return 0
+
+
+def cmd_alerts_ack(args: argparse.Namespace) -> int:
+    import time
+
+    from dicom_node.index import Index
+
+    index = Index(_settings(args).index_url)
+    count = index.acknowledge_alert(args.id, args.by, time.time())
+    index.close()
+    if count == 0:
+        print(f"alert {args.id}: unknown or already acknowledged", file=sys.stderr)
+        return 2
+    print(f"alert {args.id} acknowledged by {args.by} ({count} channel row(s); no escalation)")
+    return 0
+
+
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
     from dicom_node.index import Index
 
@@ -379,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
     p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser(
+        "alerts", help="urgent-finding alerts: delivery per channel, acknowledgement"
+    )
+    asub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = asub.add_parser("list", help="recent alerts with their delivery and acknowledgement")
+    _add_config(a)
+    a.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    a.set_defaults(func=cmd_alerts_list)
+    a = asub.add_parser(
+        "ack", help="acknowledge an alert (all its channels): it will not be escalated"
+    )
+    _add_config(a)
+    a.add_argument("id", type=int, help="alert id (from 'pacs-ai alerts list' or the alert itself)")
+    a.add_argument("--by", required=True, help="who acknowledges (name or user id, for the record)")
+    a.set_defaults(func=cmd_alerts_ack)
 
     p = sub.add_parser("quarantine", help="inspect input that was refused and kept aside")
     qsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from dicom_node.index import Index
+from worker.alerting import AlertDispatcher
 from worker.models import load_classifier
 from worker.models.base import Classifier
 from worker.settings import Settings
@@ -17,6 +18,7 @@ class WorkerContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.index = Index(settings.index_url)
+        self.dispatcher = AlertDispatcher(self.index, settings.alerts)
         self._classifier: Classifier | None = None
         self._lock = threading.Lock()
 
@@ -33,4 +35,5 @@ class WorkerContext:
             return self._classifier
 
     def close(self) -> None:
+        self.dispatcher.stop()
         self.index.close()

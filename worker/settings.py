@@ -68,12 +68,60 @@ class OutputSettings(Strict):
 
 
 class WebhookSettings(Strict):
+    """JSON alerts to an HTTP endpoint (for example a paging or messaging gateway)."""
+
     url: str | None = None
+    # HMAC-SHA256 signing key for the X-PACS-AI-Signature header; set it from the environment
+    # (PACS_AI__ALERTS__WEBHOOK__SECRET) rather than in the file.
+    secret: str | None = None
     timeout_s: float = Field(default=5.0, gt=0)
 
 
+class Hl7Settings(Strict):
+    """HL7 v2 ORU^R01 results over MLLP to the RIS/EMR interface engine."""
+
+    host: str | None = None
+    port: int = Field(default=2575, ge=1, le=65535)
+    sending_application: str = "PACSAI"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class EmailSettings(Strict):
+    """E-mail alerts through the hospital's SMTP relay (no patient identifiers in them)."""
+
+    host: str | None = None
+    port: int = Field(default=25, ge=1, le=65535)
+    starttls: bool = True
+    username: str | None = None
+    password: str | None = None
+    sender: str = "pacs-ai@localhost"
+    recipients: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class EscalationSettings(Strict):
+    """Who hears about an urgent finding nobody acknowledged in time."""
+
+    # Unacknowledged for this long after the alert was raised → the escalation channels fire.
+    after_s: float = Field(default=600.0, gt=0)
+    # E-mail addresses reached through the e-mail channel's SMTP relay.
+    email_recipients: list[str] = Field(default_factory=list)
+    webhook_url: str | None = None
+
+
 class AlertSettings(Strict):
+    """Urgent-finding alerts: every configured channel fires; retries back off until delivered."""
+
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    email: EmailSettings = Field(default_factory=EmailSettings)
+    escalation: EscalationSettings = Field(default_factory=EscalationSettings)
+    # Backoff between delivery attempts grows from 1 s to this, and never gives up.
+    retry_max_delay_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
 
 
 class Settings(Strict):

@@ -20,15 +20,14 @@ from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.index import DeliveryStatus, JobRow
 from dicom_node.scu import RemoteNode, send_datasets
 from dicom_node.spool import durable_write
+from worker.alerting import raise_alerts
 from worker.context import WorkerContext
-from worker.outputs.alerts import Alert, post_webhook
 from worker.pipelines import cxr
 
 log = logging.getLogger(__name__)
 
 SR_KIND = "findings-sr"
 REPORT_KIND = "report-sr"
-WEBHOOK = "webhook"
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,10 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             time.time(),
         )
     card = result.card
+    where = ", ".join(d.name for d in settings.outputs.destinations) or "pacs-ai outputs"
+    if raise_alerts(ctx.index, settings.alerts, result.findings, card, sr, where):
+        # Alerts first: a person waiting for a pneumothorax alert must not wait for the PACS.
+        ctx.dispatcher.run_once()
     return {
         "sr_sop_instance_uid": sr_uid,
         "report_sop_instance_uid": str(result.report.SOPInstanceUID),
@@ -116,15 +119,11 @@ def _write_output(folder: Path, dataset: Dataset) -> Path:
 
 
 def deliver_pending(ctx: WorkerContext, job_id: str) -> PendingWork:
-    """Send the job's outputs to every destination and its urgent alerts to every channel."""
+    """Send the job's outputs to every destination (alerts have their own outbox)."""
     job = ctx.index.job(job_id)
     if job is None or job.result is None:
         return PendingWork([])
-    errors: list[str] = []
-    # Alerts first: a person waiting for a pneumothorax alert must not wait for a slow PACS.
-    errors += _send_alerts(ctx, job)
-    errors += _send_outputs(ctx, job)
-    return PendingWork(errors)
+    return PendingWork(_send_outputs(ctx, job))
 
 
 def _send_outputs(ctx: WorkerContext, job: JobRow) -> list[str]:
@@ -161,51 +160,5 @@ def _send_outputs(ctx: WorkerContext, job: JobRow) -> list[str]:
             ctx.index.record_delivery(output["sop_instance_uid"], dest.name, now, error=None)
         log.info(
             "delivered %d object(s) of study %s to %s", len(todo), job.study_instance_uid, remote
-        )
-    return errors
-
-
-def _send_alerts(ctx: WorkerContext, job: JobRow) -> list[str]:
-    webhook = ctx.settings.alerts.webhook
-    assert job.result is not None
-    urgent = [f for f in job.result["findings"] if f["urgent"]]
-    if not urgent or webhook.url is None:
-        return []
-    errors: list[str] = []
-    where = ", ".join(d.name for d in ctx.settings.outputs.destinations) or "pacs-ai outputs"
-    for finding in urgent:
-        now = time.time()
-        alert_id, delivered = ctx.index.claim_alert(
-            job.study_instance_uid, finding["finding"], WEBHOOK, finding["probability"], now
-        )
-        if delivered:
-            continue
-        alert = Alert(
-            alert_id=alert_id,
-            finding=finding["finding"],
-            probability=finding["probability"],
-            threshold=finding["threshold"],
-            study_instance_uid=job.study_instance_uid,
-            accession_number=job.result["accession_number"],
-            sr_sop_instance_uid=job.result["sr_sop_instance_uid"],
-            where=where,
-            model_name=job.result["model"]["name"],
-            model_version=job.result["model"]["version"],
-            demo=job.result["model"]["demo"],
-            created_at=now,
-        )
-        try:
-            post_webhook(webhook.url, alert, webhook.timeout_s)
-        except DestinationUnavailable as exc:
-            errors.append(f"webhook: {exc}")
-            ctx.index.record_alert_attempt(alert_id, time.time(), error=str(exc))
-            continue
-        ctx.index.record_alert_attempt(alert_id, time.time(), error=None)
-        log.warning(
-            "URGENT %s (p=%.2f) on study %s: alert %d sent",
-            finding["finding"],
-            finding["probability"],
-            job.study_instance_uid,
-            alert_id,
         )
     return errors

@@ -83,11 +83,29 @@ def test_late_instance_reopens_a_finished_study(index: Index) -> None:
 
 
 def test_alert_is_claimed_once_per_study_finding_and_channel(index: Index) -> None:
-    first, delivered = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.9, now=1.0)
-    assert not delivered
+    first, created = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.9, now=1.0)
+    assert created
     index.record_alert_attempt(first, now=2.0, error=None)
-    again, delivered = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.95, now=3.0)
-    assert again == first and delivered
+    again, created = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.95, now=3.0)
+    assert again == first and not created
+
+
+def test_failed_alert_is_due_again_after_its_backoff_and_leased_by_one_sender(index: Index) -> None:
+    alert_id, _ = index.claim_alert("1.2.3", "pneumothorax", "hl7", 0.9, now=10.0, payload={})
+    [due] = index.due_alerts(now=10.0)
+    assert index.lease_alert(alert_id, due["next_attempt_at"], until=50.0)
+    assert not index.lease_alert(alert_id, due["next_attempt_at"], until=50.0), "only one sender"
+    index.record_alert_attempt(alert_id, now=11.0, error="down", next_attempt_at=13.0)
+    assert index.due_alerts(now=12.0) == []
+    assert [a["id"] for a in index.due_alerts(now=13.0)] == [alert_id]
+
+
+def test_acknowledging_one_channel_acknowledges_the_finding_everywhere(index: Index) -> None:
+    webhook, _ = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.9, now=1.0)
+    index.claim_alert("1.2.3", "pneumothorax", "email", 0.9, now=1.0)
+    assert index.acknowledge_alert(webhook, by="dr.er", now=5.0) == 2
+    assert index.due_alerts(now=100.0) == []
+    assert index.unacknowledged_before(100.0) == []
 
 
 def test_concurrent_instances_of_one_study_are_all_counted(index: Index) -> None:

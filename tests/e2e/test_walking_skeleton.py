@@ -7,7 +7,6 @@ the classifier is the demo model trained on phantoms and loaded through the real
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -16,7 +15,15 @@ import pytest
 from dicom_node.index import Index, JobStatus
 from dicom_node.settings import DestinationSettings
 from tests.dicom_node.helpers import small_study
-from tests.servers import Orthanc, dciodvfy, free_port, require, storescu
+from tests.servers import (
+    MllpReceiver,
+    Orthanc,
+    SmtpSink,
+    dciodvfy,
+    free_port,
+    require,
+    storescu,
+)
 from worker.demo.sink import WebhookSink
 from worker.outputs.sr import read_findings_sr
 from worker.service import Stack
@@ -32,16 +39,14 @@ REAL = (
 FINDINGS = {"pneumothorax", "pleural_effusion", "cardiomegaly"}
 
 
-@pytest.fixture
-def sink() -> Iterator[WebhookSink]:
-    s = WebhookSink()
-    s.start()
-    yield s
-    s.stop()
-
-
 def _settings(
-    tmp_path: Path, broker_url: str, model_dir: Path, orthanc: Orthanc, webhook: str
+    tmp_path: Path,
+    broker_url: str,
+    model_dir: Path,
+    orthanc: Orthanc,
+    webhook: str,
+    mllp: MllpReceiver,
+    smtp: SmtpSink,
 ) -> Settings:
     settings = Settings()
     settings.listener.port = free_port()
@@ -56,6 +61,11 @@ def _settings(
         )
     ]
     settings.alerts.webhook.url = webhook
+    settings.alerts.webhook.secret = "test-secret"
+    settings.alerts.hl7.host, settings.alerts.hl7.port = "127.0.0.1", mllp.port
+    settings.alerts.email.host, settings.alerts.email.port = "127.0.0.1", smtp.port
+    settings.alerts.email.starttls = False
+    settings.alerts.email.recipients = ["er-team@example.org"]
     return settings
 
 
@@ -85,12 +95,17 @@ def test_studies_sent_by_storescu_come_back_as_valid_srs_in_orthanc_and_pneumoth
     request: pytest.FixtureRequest,
     tmp_path: Path,
     orthanc: Orthanc,
-    sink: WebhookSink,
+    webhook_sink: WebhookSink,
+    mllp_receiver: MllpReceiver,
+    smtp_sink: SmtpSink,
     demo_model_dir: Path,
 ) -> None:
+    sink = webhook_sink
     require(REAL.is_file(), f"real test file missing: {REAL}")
     broker_url = request.getfixturevalue("redis_url") if broker == "redis" else "embedded"
-    settings = _settings(tmp_path, broker_url, demo_model_dir, orthanc, sink.url)
+    settings = _settings(
+        tmp_path, broker_url, demo_model_dir, orthanc, sink.url, mllp_receiver, smtp_sink
+    )
     config = tmp_path / "site.yaml"
     write_settings(settings, config)
 
@@ -174,4 +189,16 @@ def test_studies_sent_by_storescu_come_back_as_valid_srs_in_orthanc_and_pneumoth
         assert ptx_alerts[0]["label"] == "DEMO / NOT FOR CLINICAL USE"
         assert "patient_name" not in ptx_alerts[0] and "E2E-PTX" not in str(ptx_alerts[0])
         assert not [a for a in alerts if a["study_instance_uid"] == studies["normal"]]
+        assert all(r.signature_ok for r in sink.requests), "every webhook call is signed"
+        # HL7 and e-mail: one each per urgent study (the pneumothorax phantom; the real file may
+        # score above the demo threshold too), never for the normal study.
+        accession = str(pydicom.dcmread(ptx[0]).AccessionNumber)
+        hl7_ptx = [m for m in mllp_receiver.messages if str(m.segment("ORC")[3]) == accession]
+        assert len(hl7_ptx) == 1
+        assert [str(o[8]) for o in hl7_ptx[0].segments("OBX")] == ["AA", "AA"]
+        assert str(hl7_ptx[0].segment("OBR")[25]) == "P"
+        mails = [m for m in smtp_sink.messages if accession in m["Subject"]]
+        assert len(mails) == 1 and "Pneumothorax" in mails[0]["Subject"]
+        normal_accession = str(pydicom.dcmread(normal[0]).AccessionNumber)
+        assert not [m for m in smtp_sink.messages if normal_accession in m["Subject"]]
         index.close()

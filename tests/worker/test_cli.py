@@ -24,6 +24,9 @@ SUBCOMMANDS = [
     ["echo"],
     ["send"],
     ["studies"],
+    ["alerts"],
+    ["alerts", "list"],
+    ["alerts", "ack"],
     ["quarantine"],
     ["quarantine", "list"],
     ["model"],
@@ -126,3 +129,24 @@ def test_invalid_settings_file_stops_with_the_offending_key(
     with pytest.raises(SystemExit) as exit_info:
         main(["studies", "--config", str(bad)])
     assert "portt" in str(exit_info.value.code)
+
+
+def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.index import Index
+    from worker.settings import Settings, write_settings
+
+    settings = Settings()
+    settings.storage.data_dir = tmp_path / "data"
+    config = tmp_path / "site.yaml"
+    write_settings(settings, config)
+    index = Index(settings.index_url)
+    alert_id, _ = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.97, now=1.0, payload={})
+    index.close()
+    assert main(["alerts", "ack", str(alert_id), "--by", "dr.er", "--config", str(config)]) == 0
+    assert main(["alerts", "ack", "999", "--by", "dr.er", "--config", str(config)]) == 2
+    capsys.readouterr()
+    assert main(["alerts", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "pneumothorax" in out and "by dr.er" in out

@@ -7,6 +7,7 @@ sink; sends synthetic chest X-ray studies and the real SIIM file; prints one row
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import socket
 import sys
@@ -220,9 +221,12 @@ def run_demo(workdir: Path, *, include_real: bool = True, real_dir: Path | None 
 
     pacs = DemoPacs(workdir / "pacs")
     pacs_port = pacs.start()
-    sink = WebhookSink()
+    # The sink verifies every alert's HMAC signature, as a real receiver should.
+    secret = secrets.token_hex(16)
+    sink = WebhookSink(secret=secret)
     sink.start()
     settings = _settings(workdir, model_dir, pacs_port, sink.url)
+    settings.alerts.webhook.secret = secret
     config_path = workdir / "site.yaml"
     write_settings(settings, config_path)
     listener = RemoteNode(
@@ -274,7 +278,10 @@ def run_demo(workdir: Path, *, include_real: bool = True, real_dir: Path | None 
             table, all_ok = _summary_table(index, studies, sink, f"DEMOPACS@127.0.0.1:{pacs_port}")
             console.print(table)
             alerts = sink.received()
-            console.print(f"alerts received by the webhook: {len(alerts)}")
+            signed = sum(1 for r in sink.requests if r.signature_ok)
+            console.print(
+                f"alerts received by the webhook: {len(alerts)} ({signed} with a verified signature)"
+            )
             for _at, body in alerts:
                 console.print(
                     f"  [red]{body.get('finding')}[/] p={body.get('probability')} study {body.get('study_instance_uid')} accession {body.get('accession_number')} [{body.get('label', '')}]"

@@ -10,9 +10,13 @@ from dicom_node.errors import DestinationUnavailable
 from worker.outputs.alerts import Alert
 
 
-def alert_email(alert: Alert, *, sender: str, recipients: list[str]) -> EmailMessage:
+def alert_email(
+    alert: Alert, *, sender: str, recipients: list[str], escalation: bool = False
+) -> EmailMessage:
+    """The alert as an e-mail; an escalation says that nobody acknowledged it in time."""
     message = EmailMessage()
-    message["Subject"] = f"{alert.title} - accession {alert.accession_number or 'n/a'}"
+    prefix = "ESCALATION (not acknowledged): " if escalation else ""
+    message["Subject"] = f"{prefix}{alert.title} - accession {alert.accession_number or 'n/a'}"
     message["From"] = sender
     message["To"] = ", ".join(recipients)
     message["X-PACS-AI-Alert-Id"] = str(alert.alert_id)
