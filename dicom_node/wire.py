@@ -8,11 +8,20 @@ close. Nothing is decoded and nothing is copied.
 from __future__ import annotations
 
 import struct
+from functools import cache
+
+from pydicom.datadict import dictionary_VR
 
 from dicom_node.errors import CorruptDataset
 
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN"}
+    | {b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
@@ -29,6 +38,18 @@ def _tag(data: memoryview, pos: int, little: bool) -> int:
 
 def _u32(data: memoryview, pos: int, little: bool) -> int:
     return int(struct.unpack_from("<I" if little else ">I", data, pos)[0])
+
+
+@cache
+def _allowed_vrs(tag: int) -> frozenset[bytes] | None:
+    """The VRs the data dictionary allows for a public tag (UN always); None when unknown."""
+    if (tag >> 16) % 2 or tag & 0xFFFF == 0:
+        return None  # private tags and group lengths: any VR the standard defines
+    try:
+        entry = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return frozenset(vr.strip().encode() for vr in entry.split(" or ")) | {b"UN"}
 
 
 def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth: int) -> int:
@@ -51,6 +72,25 @@ def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth:
             pos += length
 
 
+def _walk_defined_sequence(data: memoryview, pos: int, end: int, little: bool, depth: int) -> None:
+    """Walk the items of an explicit VR sequence of defined length, which must fill it exactly."""
+    while pos < end:
+        if pos + 8 > end:
+            raise CorruptDataset(f"item header truncated at byte {pos}")
+        tag = _tag(data, pos, little)
+        length = _u32(data, pos + 4, little)
+        pos += 8
+        if tag != _ITEM:
+            raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
+        if length == _UNDEFINED:
+            pos = _walk_elements(data, pos, end, False, little, depth + 1, in_item=True)
+            continue
+        if pos + length > end:
+            raise CorruptDataset(f"item at byte {pos - 8} runs past the end of its sequence")
+        _walk_elements(data, pos, pos + length, False, little, depth + 1, in_item=False)
+        pos += length
+
+
 def _walk_elements(
     data: memoryview,
     pos: int,
@@ -70,7 +110,7 @@ def _walk_elements(
         tag = _tag(data, pos, little)
         if in_item and tag == _ITEM_END:
             return pos + 8
-        if tag <= previous and depth == 0:
+        if tag <= previous:
             raise CorruptDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order")
         previous = tag
         if seen is not None and tag in _PIXEL_TAGS:
@@ -81,8 +121,12 @@ def _walk_elements(
             pos += 8
         else:
             vr = bytes(data[pos + 4 : pos + 6])
-            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            if vr not in _LONG_VRS and vr not in _SHORT_VRS:
                 raise CorruptDataset(f"invalid VR at byte {pos + 4}")
+            allowed = _allowed_vrs(tag)
+            if allowed is not None and vr not in allowed:
+                name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                raise CorruptDataset(f"{name} has VR {vr.decode()}, the standard says otherwise")
             if vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise CorruptDataset(f"element header truncated at byte {pos}")
@@ -101,6 +145,8 @@ def _walk_elements(
             raise CorruptDataset(
                 f"{name} declares {length} bytes but only {end - pos} remain: data set truncated"
             )
+        if vr == b"SQ":
+            _walk_defined_sequence(data, pos, pos + length, little, depth)
         pos += length
     if in_item:
         raise CorruptDataset("item not closed before the end of the data")
