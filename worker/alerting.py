@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.index import Index
+from worker.ackserver import ack_url
 from worker.findings import FindingResult, ModelCard
 from worker.outputs.alerts import Alert, post_webhook
 from worker.outputs.hl7 import oru_r01, send_mllp
@@ -197,7 +198,14 @@ class AlertDispatcher:
                 row["id"], row["next_attempt_at"], now + channel_timeout + LEASE_MARGIN_S
             ):
                 continue  # another worker took it
-            alert = Alert(**{**json.loads(row["payload_json"] or "{}"), "alert_id": row["id"]})
+            alert = Alert(
+                **{
+                    **json.loads(row["payload_json"] or "{}"),
+                    "alert_id": row["id"],
+                    # The link's token is made from the row id, known only once the row exists.
+                    "ack_url": ack_url(self.settings.ack, row["id"]),
+                }
+            )
             try:
                 send(self.settings, row["channel"], alert)
             except (DestinationUnavailable, DestinationRejected) as exc:

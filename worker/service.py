@@ -15,7 +15,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 
+from dicom_node.index import Index
 from dicom_node.node import DicomNode, NodeConfig
+from worker.ackserver import AckServer
 from worker.broker import EMBEDDED, EmbeddedBroker
 from worker.settings import ENV_PREFIX, Settings
 
@@ -117,6 +119,7 @@ class Stack(AbstractContextManager["Stack"]):
         self.node: DicomNode | None = None
         self.workers: list[tuple[Sequence[str], subprocess.Popen[bytes]]] = []
         self.broker_url = ""
+        self.ack_server: AckServer | None = None
 
     def _spawn_worker(self, queues: Sequence[str]) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "worker.cli", "worker", "--queues", ",".join(queues)]
@@ -139,6 +142,11 @@ class Stack(AbstractContextManager["Stack"]):
         self.broker_url = url
         self.node = DicomNode(node_config(self.settings, url))
         self.node.start()
+        if self.settings.alerts.ack.secret:
+            # The links in the alerts point here; it needs only the index.
+            self.ack_server = AckServer(
+                Index(self.settings.index_url), self.settings.alerts.ack
+            ).start()
         for queues in self.worker_queues:
             self.workers.append((queues, self._spawn_worker(queues)))
         return self
@@ -182,6 +190,10 @@ class Stack(AbstractContextManager["Stack"]):
                 proc.kill()
                 proc.wait()
         self.workers = []
+        if self.ack_server is not None:
+            self.ack_server.stop()
+            self.ack_server.index.close()
+            self.ack_server = None
         if self.node is not None:
             self.node.stop()
             self.node = None

@@ -65,6 +65,16 @@ class OutputSettings(Strict):
     destinations: list[DestinationSettings] = Field(default_factory=list)
     manufacturer: str = "pacs-ai-worker"
     institution_name: str | None = None
+    # The outbox retries an undelivered object with exponential backoff (with jitter) from 1 s up
+    # to retry_max_delay_s between attempts, for retry_horizon_s in all; then the row is dead.
+    retry_horizon_s: float = Field(default=86400.0, gt=0)
+    retry_max_delay_s: float = Field(default=900.0, gt=0)
+    # After this many association failures in a row a destination's circuit opens: nobody tries
+    # it for circuit_cooldown_s, then one sender probes it with its whole due batch.
+    circuit_failures: int = Field(default=5, ge=1)
+    circuit_cooldown_s: float = Field(default=60.0, gt=0)
+    # How often the dispatcher looks for due rows (a finished job also wakes it at once).
+    poll_interval_s: float = Field(default=2.0, gt=0)
 
 
 class WebhookSettings(Strict):
@@ -112,6 +122,21 @@ class EscalationSettings(Strict):
     webhook_url: str | None = None
 
 
+class AckSettings(Strict):
+    """The HTTP acknowledgement endpoint: a link in every alert that a person opens to acknowledge.
+
+    Off until a secret is set; binds to loopback by default. Each alert's link carries an HMAC of
+    the alert id under ``secret``, so only someone who received the alert can acknowledge it.
+    """
+
+    # No secret: no endpoint and no links in the alerts.
+    secret: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8089, ge=0, le=65535)
+    # The address people reach the endpoint at (a reverse proxy, a hostname); default http://host:port.
+    base_url: str | None = None
+
+
 class AlertSettings(Strict):
     """Urgent-finding alerts: every configured channel fires; retries back off until delivered."""
 
@@ -119,6 +144,7 @@ class AlertSettings(Strict):
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     email: EmailSettings = Field(default_factory=EmailSettings)
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
+    ack: AckSettings = Field(default_factory=AckSettings)
     # Backoff between delivery attempts grows from 1 s to this, and never gives up.
     retry_max_delay_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=1.0, gt=0)

@@ -46,6 +46,8 @@ class Alert:
     patient_id: str = ""
     patient_name: str = ""
     study_date: str = ""
+    # The acknowledgement link (worker/ackserver.py), "" when no endpoint is configured.
+    ack_url: str = ""
 
     @property
     def title(self) -> str:
@@ -72,6 +74,8 @@ class Alert:
             "demo": self.demo,
             "created_at": self.created_at,
         }
+        if self.ack_url:
+            body["ack_url"] = self.ack_url
         if self.demo:
             body["label"] = DEMO_LABEL
         return body

@@ -125,6 +125,9 @@ def oru_r01(
     ]
     if alert.demo:
         segments.append(_segment("NTE", ["2", "L", escape(DEMO_LABEL)]))
+    if alert.ack_url:
+        nte_id = str(sum(1 for s in segments if s.startswith("NTE|")) + 1)
+        segments.append(_segment("NTE", [nte_id, "L", escape(f"Acknowledge: {alert.ack_url}")]))
     return SEGMENT_END.join(segments) + SEGMENT_END
 
 

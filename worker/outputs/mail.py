@@ -31,6 +31,7 @@ def alert_email(
                 f"AI report:    SR {alert.sr_sop_instance_uid}",
                 f"Where:        {alert.where}",
                 f"Model:        {alert.model_name} {alert.model_version}",
+                *([f"Acknowledge:  {alert.ack_url}"] if alert.ack_url else []),
                 "",
                 "Preliminary AI result, not verified by a radiologist. Open the study in the viewer.",
             ]
