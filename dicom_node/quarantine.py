@@ -6,11 +6,23 @@ import json
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dicom_node.errors import OutOfResources
-from dicom_node.index import Index
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID
+
+from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
+from dicom_node.index import Index, QuarantineRow
+from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, sop_class_name
 from dicom_node.spool import durable_write
+
+if TYPE_CHECKING:  # scp imports this module
+    from dicom_node.scp import StorageSCP
 
 
 class Quarantine:
@@ -64,3 +76,89 @@ class Quarantine:
                 raise
             raise OutOfResources(f"cannot quarantine: {type(exc).__name__}") from exc
         return entry_id
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What a retry of a quarantined instance came to."""
+
+    stored: bool
+    status_code: int
+    reason: str
+
+
+def split_file(raw: bytes) -> tuple[Dataset, bytes]:
+    """The file meta information and the encoded data set of a kept DICOM file."""
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return meta, raw[fp.tell() :]
+
+
+def describe(folder: Path) -> dict[str, str]:
+    """An admin's summary of a kept instance: what it is, never who it is about."""
+    summary: dict[str, str] = {}
+    try:
+        raw = (folder / "instance.dcm").read_bytes()
+        summary["size"] = f"{len(raw)} bytes"
+        meta, _ = split_file(raw)
+        ts = str(meta.get("TransferSyntaxUID", ""))
+        summary["transfer syntax"] = f"{ts} ({UID(ts).name})" if ts else "missing"
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        summary["SOP class"] = (
+            f"{sop_class} ({sop_class_name(sop_class)})" if sop_class else "missing"
+        )
+        header = dcmread(BytesIO(raw), stop_before_pixels=True, force=True)
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+            try:
+                summary[keyword] = str(header.get(keyword, "") or "-")
+            except Exception as exc:  # the data set is broken: that is why it is here
+                summary[keyword] = f"unreadable ({type(exc).__name__})"
+    except Exception as exc:
+        summary["header"] = f"unreadable: {type(exc).__name__}: {exc}"
+    return summary
+
+
+def retry(scp: StorageSCP, entry: QuarantineRow) -> RetryOutcome:
+    """Put a kept instance through the listener's checks again; store it or keep it aside.
+
+    For an operator who fixed the cause (the file in place, a setting, disk space).
+    """
+    folder = Path(entry.path)
+    raw = (folder / "instance.dcm").read_bytes()
+    try:
+        meta, stream = split_file(raw)
+        ts = UID(str(meta.TransferSyntaxUID))
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        if sop_class not in ACCEPTED_STORAGE:
+            raise DatasetMismatch(f"SOP class {sop_class} is not one the listener accepts")
+        if ts not in ACCEPTED_TRANSFER_SYNTAXES:
+            raise DatasetMismatch(f"transfer syntax {ts} is not one the listener accepts")
+        from dicom_node.scp import check_instance  # scp imports this module: import late
+
+        header = check_instance(stream, ts, sop_class, str(meta.MediaStorageSOPInstanceUID))
+        scp.store_instance(
+            header, [raw[: len(raw) - len(stream)], stream], str(ts), entry.calling_aet
+        )
+    except CorruptDataset as exc:
+        return _keep(scp.index, entry, 0xC000, str(exc))
+    except DatasetMismatch as exc:
+        return _keep(scp.index, entry, 0xA900, str(exc))
+    except (OutOfResources, OSError) as exc:
+        return RetryOutcome(False, 0xA700, f"cannot store now, try again later: {exc}")
+    except Exception as exc:  # unreadable file meta and the like
+        return _keep(
+            scp.index, entry, 0xC000, f"cannot read the kept file: {type(exc).__name__}: {exc}"
+        )
+    scp.index.delete_quarantine(entry.id)
+    shutil.rmtree(folder, ignore_errors=True)
+    return RetryOutcome(True, 0x0000, "stored")
+
+
+def _keep(index: Index, entry: QuarantineRow, status: int, reason: str) -> RetryOutcome:
+    index.update_quarantine(entry.id, status_code=status, reason=reason)
+    note_path = Path(entry.path) / "reason.json"
+    note = json.loads(note_path.read_text()) if note_path.is_file() else {}
+    note.update({"status": f"0x{status:04X}", "reason": reason, "retried_at": time.time()})
+    durable_write(note_path, [json.dumps(note, indent=2).encode()])
+    return RetryOutcome(False, status, reason)

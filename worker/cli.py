@@ -185,6 +185,72 @@ def cmd_alerts_ack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    from dicom_node.index import DeliveryStatus, Index
+
+    index = Index(_settings(args).index_url)
+    state = DeliveryStatus(args.state) if args.state else None
+    rows = index.list_deliveries(state, limit=args.limit)
+    index.close()
+    if not rows:
+        print("outbox is empty" if state is None else f"no {state.value} deliveries")
+        return 0
+    print(
+        f"{'id':>6}  {'created':19}  {'state':9} {'tries':>5}  {'destination':16} {'kind':12} next"
+    )
+    for d in rows:
+        if d["status"] == DeliveryStatus.PENDING:
+            nxt = _when(d["next_attempt_at"])
+        elif d["status"] == DeliveryStatus.DELIVERED:
+            nxt = f"delivered {_when(d['delivered_at'])}"
+        else:
+            nxt = f"dead since {_when(d['dead_at'])}"
+        print(
+            f"{d['id']:>6}  {_when(d['created_at']):19}  {d['status']:9} {d['attempts']:>5}  "
+            f"{d['destination']:16} {d['kind'] or '?':12} {nxt}"
+        )
+        print(f"{'':8}object {d['sop_instance_uid']} of study {d['study_instance_uid'] or '?'}")
+        if d["last_status"] is not None:
+            print(f"{'':8}last status: 0x{d['last_status']:04X}")
+        if d["last_error"]:
+            print(f"{'':8}last error: {d['last_error']}")
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    import time
+
+    from dicom_node.index import Index
+
+    if not args.ids and not args.dead:
+        print("name delivery ids or --dead", file=sys.stderr)
+        return 2
+    index = Index(_settings(args).index_url)
+    count = index.retry_deliveries(time.time(), ids=args.ids, all_dead=args.dead)
+    index.close()
+    if count == 0:
+        print("nothing to retry (unknown ids, or already delivered)", file=sys.stderr)
+        return 2
+    print(f"{count} delivery(ies) due now with a fresh retry horizon; a running worker sends them")
+    return 0
+
+
+def cmd_outbox_purge(args: argparse.Namespace) -> int:
+    import time
+
+    from dicom_node.index import Index
+
+    if not args.dead:
+        print("only dead deliveries can be purged: add --dead", file=sys.stderr)
+        return 2
+    cutoff = time.time() - args.older_than * 86400 if args.older_than is not None else None
+    index = Index(_settings(args).index_url)
+    count = index.purge_dead_deliveries(cutoff)
+    index.close()
+    print(f"{count} dead delivery(ies) purged")
+    return 0
+
+
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
     from dicom_node.index import Index
 
@@ -197,6 +263,48 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
         print(f"    reason: {q.reason}\n    kept in: {q.path}")
     index.close()
     return 0
+
+
+def cmd_quarantine_show(args: argparse.Namespace) -> int:
+    from dicom_node.index import Index
+    from dicom_node.quarantine import describe
+
+    index = Index(_settings(args).index_url)
+    entry = index.quarantine_entry(args.id)
+    index.close()
+    if entry is None:
+        print(f"no quarantine entry {args.id}", file=sys.stderr)
+        return 2
+    print(f"entry:        {entry.id}")
+    print(f"received:     {_when(entry.received_at)} from {entry.calling_aet}")
+    print(f"answered:     0x{entry.status_code:04X}")
+    print(f"reason:       {entry.reason}")
+    print(f"kept in:      {entry.path}")
+    for key, value in describe(Path(entry.path)).items():
+        print(f"{key + ':':14}{value}")
+    return 0
+
+
+def cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    from dicom_node.node import build_storage_scp
+    from dicom_node.quarantine import retry
+    from worker.service import node_config
+
+    settings = _settings(args)
+    scp = build_storage_scp(node_config(settings, settings.queue.broker_url))
+    try:
+        entry = scp.index.quarantine_entry(args.id)
+        if entry is None:
+            print(f"no quarantine entry {args.id}", file=sys.stderr)
+            return 2
+        outcome = retry(scp, entry)
+    finally:
+        scp.index.close()
+    if outcome.stored:
+        print(f"{args.id}: stored; the study completes as if the instance had just arrived")
+        return 0
+    print(f"{args.id}: still refused (0x{outcome.status_code:04X}): {outcome.reason}")
+    return 1
 
 
 def cmd_build_demo_model(args: argparse.Namespace) -> int:
@@ -439,12 +547,62 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--by", required=True, help="who acknowledges (name or user id, for the record)")
     a.set_defaults(func=cmd_alerts_ack)
 
+    p = sub.add_parser(
+        "outbox",
+        help="SRs on their way to the PACS: list, retry dead letters, purge",
+        description=(
+            "Every output goes to every destination through a row in the index: pending (retried\n"
+            "with backoff up to outputs.retry_horizon_s), delivered, or dead (refused by the\n"
+            "destination, or retries gave up). Dead rows wait for an operator."
+        ),
+        formatter_class=raw,
+    )
+    osub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    o = osub.add_parser("list", help="deliveries, newest first, with state, tries and last error")
+    _add_config(o)
+    o.add_argument(
+        "--state",
+        choices=["pending", "delivered", "dead"],
+        default=None,
+        help="only rows in this state (default: all)",
+    )
+    o.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    o.set_defaults(func=cmd_outbox_list)
+    o = osub.add_parser("retry", help="send dead (or waiting) deliveries again now")
+    _add_config(o)
+    o.add_argument("ids", type=int, nargs="*", help="delivery ids (from 'pacs-ai outbox list')")
+    o.add_argument("--dead", action="store_true", help="every dead delivery")
+    o.set_defaults(func=cmd_outbox_retry)
+    o = osub.add_parser("purge", help="delete dead deliveries from the index")
+    _add_config(o)
+    o.add_argument("--dead", action="store_true", help="required: purge dead deliveries")
+    o.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="only those dead for more than DAYS days (default: all dead)",
+    )
+    o.set_defaults(func=cmd_outbox_purge)
+
     p = sub.add_parser("quarantine", help="inspect input that was refused and kept aside")
     qsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     q = qsub.add_parser("list", help="list quarantined input with the reason")
     _add_config(q)
     q.add_argument("--limit", type=int, default=50, help="how many (default 50)")
     q.set_defaults(func=cmd_quarantine_list)
+    q = qsub.add_parser("show", help="one entry: why it was refused and what the file is")
+    _add_config(q)
+    q.add_argument("id", help="entry id (from 'pacs-ai quarantine list')")
+    q.set_defaults(func=cmd_quarantine_show)
+    q = qsub.add_parser(
+        "retry",
+        help="run an entry through the listener's checks again (after fixing the cause)",
+        description="Exit 0: stored; 1: still refused (new reason recorded); 2: unknown entry.",
+    )
+    _add_config(q)
+    q.add_argument("id", help="entry id (from 'pacs-ai quarantine list')")
+    q.set_defaults(func=cmd_quarantine_retry)
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="action", metavar="ACTION", required=True)

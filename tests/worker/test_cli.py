@@ -29,6 +29,8 @@ SUBCOMMANDS = [
     ["alerts", "ack"],
     ["quarantine"],
     ["quarantine", "list"],
+    ["quarantine", "show"],
+    ["quarantine", "retry"],
     ["model"],
     ["model", "build-demo"],
 ]
