@@ -52,6 +52,9 @@ class DeliveryStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    # An output the destination will never take (refused SOP class, permanent failure status) or
+    # that outlived the retry horizon; only an operator revives it (``pacs-ai outbox retry``).
+    DEAD = "dead"
 
 
 metadata = sa.MetaData()
@@ -135,7 +138,28 @@ deliveries = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("delivered_at", sa.Float, nullable=True),
+    # Outbox columns (added to older indexes by _add_missing_columns).
+    sa.Column("next_attempt_at", sa.Float, nullable=True, index=True),
+    sa.Column("last_attempt_at", sa.Float, nullable=True),
+    # The destination's last DIMSE status (C-STORE), None when it never answered one.
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("dead_at", sa.Float, nullable=True),
+    # Set by an operator's retry: the retry horizon counts from here instead of created_at.
+    sa.Column("revived_at", sa.Float, nullable=True),
     sa.UniqueConstraint("sop_instance_uid", "destination"),
+)
+
+# Circuit breaker per output destination, shared by every worker process.
+delivery_circuits = sa.Table(
+    "delivery_circuits",
+    metadata,
+    sa.Column("destination", sa.String(64), primary_key=True),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, default=0),
+    # While set and in the future, nobody sends to the destination.
+    sa.Column("open_until", sa.Float, nullable=True),
+    # A half-open probe in flight until then: one sender at a time tries a cooled-down destination.
+    sa.Column("probe_until", sa.Float, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
 )
 
 alerts = sa.Table(
@@ -723,37 +747,108 @@ class Index:
             ).all()
         return [dict(r._mapping) for r in rows]
 
-    def record_delivery(
-        self, sop_uid: str, destination: str, now: float, *, error: str | None
-    ) -> None:
-        """Record one delivery attempt of an output to a destination."""
+    # --- delivery outbox (worker.outbox sends; these keep its state) --------------------------
+
+    def enqueue_deliveries(self, sop_uid: str, destinations: Sequence[str], now: float) -> int:
+        """Create the pending outbox rows of an output; return how many were new.
+
+        A row that exists (delivered, pending or dead) is left alone: a re-run of the same job,
+        whose output keeps its UID, never sends it again.
+        """
+        created = 0
         with self._tx() as conn:
-            row = conn.execute(
-                sa.select(deliveries.c.id)
-                .where(deliveries.c.sop_instance_uid == sop_uid)
-                .where(deliveries.c.destination == destination)
-            ).first()
-            values: dict[str, Any] = {
-                "status": DeliveryStatus.DELIVERED if error is None else DeliveryStatus.PENDING,
-                "last_error": error,
-                "delivered_at": now if error is None else None,
-            }
-            if row is None:
-                conn.execute(
-                    deliveries.insert().values(
-                        sop_instance_uid=sop_uid,
-                        destination=destination,
-                        created_at=now,
-                        attempts=1,
-                        **values,
+            for destination in destinations:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            deliveries.insert().values(
+                                sop_instance_uid=sop_uid,
+                                destination=destination,
+                                status=DeliveryStatus.PENDING,
+                                attempts=0,
+                                created_at=now,
+                                next_attempt_at=now,
+                            )
+                        )
+                        created += 1
+                except IntegrityError:
+                    continue
+        return created
+
+    def _delivery_select(self) -> sa.Select[Any]:
+        return sa.select(
+            deliveries,
+            outputs.c.path,
+            outputs.c.study_instance_uid,
+            outputs.c.kind,
+        ).select_from(
+            deliveries.outerjoin(
+                outputs, outputs.c.sop_instance_uid == deliveries.c.sop_instance_uid
+            )
+        )
+
+    def due_deliveries(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Pending outbox rows whose next attempt is due, oldest first, with the output's path."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                self._delivery_select()
+                .where(deliveries.c.status == DeliveryStatus.PENDING)
+                .where(
+                    sa.or_(
+                        deliveries.c.next_attempt_at.is_(None),
+                        deliveries.c.next_attempt_at <= now,
                     )
                 )
-            else:
-                conn.execute(
-                    deliveries.update()
-                    .where(deliveries.c.id == row.id)
-                    .values(attempts=deliveries.c.attempts + 1, **values)
+                .order_by(deliveries.c.created_at, deliveries.c.id)
+                .limit(limit)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def lease_delivery(
+        self, delivery_id: int, seen_next_attempt: float | None, until: float
+    ) -> bool:
+        """Take an outbox row for sending: only one sender wins when several workers look at once."""
+        seen = (
+            deliveries.c.next_attempt_at.is_(None)
+            if seen_next_attempt is None
+            else deliveries.c.next_attempt_at == seen_next_attempt
+        )
+        with self._tx() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .where(deliveries.c.status == DeliveryStatus.PENDING)
+                .where(seen)
+                .values(next_attempt_at=until)
+            )
+        return bool(result.rowcount == 1)
+
+    def record_delivery_attempt(
+        self,
+        delivery_id: int,
+        now: float,
+        *,
+        status: DeliveryStatus,
+        dimse_status: int | None = None,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        """Record one attempt: delivered, pending again at ``next_attempt_at``, or dead."""
+        with self._tx() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(
+                    attempts=deliveries.c.attempts + 1,
+                    status=status,
+                    last_status=dimse_status,
+                    last_error=error,
+                    last_attempt_at=now,
+                    delivered_at=now if status == DeliveryStatus.DELIVERED else None,
+                    dead_at=now if status == DeliveryStatus.DEAD else None,
+                    next_attempt_at=next_attempt_at if status == DeliveryStatus.PENDING else None,
                 )
+            )
 
     def deliveries_of(self, sop_uid: str) -> list[dict[str, Any]]:
         with self._tx() as conn:
@@ -761,6 +856,140 @@ class Index:
                 sa.select(deliveries).where(deliveries.c.sop_instance_uid == sop_uid)
             ).all()
         return [dict(r._mapping) for r in rows]
+
+    def list_deliveries(
+        self, status: DeliveryStatus | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Outbox rows, newest first, with the output's study and kind."""
+        query = self._delivery_select().order_by(deliveries.c.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(deliveries.c.status == status)
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        return [dict(r._mapping) for r in rows]
+
+    def retry_deliveries(
+        self, now: float, *, ids: Sequence[int] = (), all_dead: bool = False
+    ) -> int:
+        """Make dead (or pending) rows due now with a fresh retry horizon; return rows revived."""
+        query = deliveries.update().where(deliveries.c.status != DeliveryStatus.DELIVERED)
+        if all_dead:
+            query = query.where(deliveries.c.status == DeliveryStatus.DEAD)
+        else:
+            query = query.where(deliveries.c.id.in_(list(ids)))
+        with self._tx() as conn:
+            result = conn.execute(
+                query.values(
+                    status=DeliveryStatus.PENDING,
+                    next_attempt_at=now,
+                    revived_at=now,
+                    dead_at=None,
+                )
+            )
+        return int(result.rowcount)
+
+    def purge_dead_deliveries(self, dead_before: float | None = None) -> int:
+        """Delete dead rows (that died before ``dead_before`` if given); return rows deleted."""
+        query = deliveries.delete().where(deliveries.c.status == DeliveryStatus.DEAD)
+        if dead_before is not None:
+            query = query.where(
+                sa.func.coalesce(deliveries.c.dead_at, deliveries.c.created_at) < dead_before
+            )
+        with self._tx() as conn:
+            result = conn.execute(query)
+        return int(result.rowcount)
+
+    # Circuit breaker: consecutive association failures per destination open it for a cool-down.
+
+    def delivery_circuit(self, destination: str) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(delivery_circuits).where(delivery_circuits.c.destination == destination)
+            ).first()
+        return dict(row._mapping) if row is not None else None
+
+    def admit_to_destination(self, destination: str, now: float, probe_until: float) -> bool:
+        """May a sender talk to the destination now? Closed: yes. Open: no, until the cool-down
+        is over; then one sender (and only one) gets to probe it until ``probe_until``."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(delivery_circuits).where(delivery_circuits.c.destination == destination)
+            ).first()
+            if row is None or row.open_until is None:
+                return True
+            if row.open_until > now or (row.probe_until is not None and row.probe_until > now):
+                return False
+            result = conn.execute(
+                delivery_circuits.update()
+                .where(delivery_circuits.c.destination == destination)
+                .where(delivery_circuits.c.open_until == row.open_until)
+                .where(
+                    delivery_circuits.c.probe_until.is_(None)
+                    if row.probe_until is None
+                    else delivery_circuits.c.probe_until == row.probe_until
+                )
+                .values(probe_until=probe_until)
+            )
+        return bool(result.rowcount == 1)
+
+    def release_destination_probe(self, destination: str) -> None:
+        """Give back a probe slot that was not used (nothing could be sent)."""
+        with self._tx() as conn:
+            conn.execute(
+                delivery_circuits.update()
+                .where(delivery_circuits.c.destination == destination)
+                .values(probe_until=None)
+            )
+
+    def record_destination_result(
+        self,
+        destination: str,
+        now: float,
+        *,
+        error: str | None,
+        open_after: int = 5,
+        cooldown_s: float = 300.0,
+    ) -> bool:
+        """Count an association outcome; return True when the circuit is (still) open after it."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(delivery_circuits).where(delivery_circuits.c.destination == destination)
+            ).first()
+            if row is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            delivery_circuits.insert().values(
+                                destination=destination, consecutive_failures=0
+                            )
+                        )
+                except IntegrityError:
+                    pass
+                failures = 0
+            else:
+                failures = int(row.consecutive_failures)
+            if error is None:
+                values: dict[str, Any] = {
+                    "consecutive_failures": 0,
+                    "open_until": None,
+                    "probe_until": None,
+                    "last_error": None,
+                }
+            else:
+                failures += 1
+                opened = failures >= open_after
+                values = {
+                    "consecutive_failures": failures,
+                    "open_until": now + cooldown_s if opened else None,
+                    "probe_until": None,
+                    "last_error": error,
+                }
+            conn.execute(
+                delivery_circuits.update()
+                .where(delivery_circuits.c.destination == destination)
+                .values(**values)
+            )
+        return values["open_until"] is not None
 
     # --- alerts ----------------------------------------------------------------------------
 

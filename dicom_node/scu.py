@@ -51,6 +51,17 @@ class RemoteNode:
 
 
 def _associate(remote: RemoteNode, contexts: Sequence[tuple[str, str]]) -> Association:
+    assoc = _request(remote, contexts)
+    if not assoc.is_established:
+        raise DestinationUnavailable(f"association with {remote} {_failure(assoc)}")
+    return assoc
+
+
+def _failure(assoc: Association) -> str:
+    return "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+
+
+def _request(remote: RemoteNode, contexts: Sequence[tuple[str, str]]) -> Association:
     ae = AE(ae_title=remote.calling_ae_title)
     ae.acse_timeout = remote.timeout_s
     ae.dimse_timeout = remote.timeout_s
@@ -60,16 +71,12 @@ def _associate(remote: RemoteNode, contexts: Sequence[tuple[str, str]]) -> Assoc
     for sop_class, syntax in dict.fromkeys(contexts):
         ae.add_requested_context(sop_class, syntax)
     context = client_context(remote.tls) if remote.tls is not None else None
-    assoc = ae.associate(
+    return ae.associate(
         remote.host,
         remote.port,
         ae_title=remote.ae_title,
         tls_args=(context, remote.host) if context is not None else None,
     )
-    if not assoc.is_established:
-        state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DestinationUnavailable(f"association with {remote} {state}")
-    return assoc
 
 
 def echo(remote: RemoteNode) -> int:
@@ -107,6 +114,73 @@ def send_datasets(remote: RemoteNode, datasets: Sequence[Dataset]) -> list[int]:
         if assoc.is_established:
             assoc.release()
     return statuses
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The destination's answer to one C-STORE of a batch.
+
+    ``status`` is None when the object was never sent: the destination accepted no presentation
+    context for its SOP class and transfer syntax (``refused``), or the association broke first.
+    """
+
+    status: int | None
+    message: str
+    refused: bool = False
+
+    @property
+    def stored(self) -> bool:
+        # 0xB000-0xBFFF are warnings: stored, with a remark.
+        return self.status is not None and (
+            self.status == 0x0000 or 0xB000 <= self.status <= 0xBFFF
+        )
+
+
+def store_datasets(remote: RemoteNode, datasets: Sequence[Dataset]) -> list[StoreOutcome]:
+    """C-STORE the data sets on one association and report each answer, failures included.
+
+    Raises :class:`DestinationUnavailable` only when no association could be made; an association
+    that breaks mid-batch leaves the rest with ``status`` None (not refused: worth retrying).
+    """
+    if not datasets:
+        return []
+    contexts = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
+    assoc = _request(remote, contexts)
+    if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The node answered but takes none of these objects (pynetdicom then aborts).
+            return [_no_context(remote, ds, "") for ds in datasets]
+        raise DestinationUnavailable(f"association with {remote} {_failure(assoc)}")
+    outcomes: list[StoreOutcome] = []
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                outcomes.append(StoreOutcome(None, f"association with {remote} lost"))
+                continue
+            try:
+                response = assoc.send_c_store(ds)
+            except ValueError as exc:
+                # pynetdicom's way of saying no accepted presentation context fits this object.
+                outcomes.append(_no_context(remote, ds, f": {exc}"))
+                continue
+            if "Status" not in response:
+                outcomes.append(StoreOutcome(None, f"no C-STORE response from {remote}"))
+                continue
+            status = int(response.Status)
+            outcomes.append(StoreOutcome(status, f"{remote} answered status 0x{status:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _no_context(remote: RemoteNode, ds: Dataset, detail: str) -> StoreOutcome:
+    return StoreOutcome(
+        None,
+        f"{remote} accepts no presentation context for SOP class {ds.SOPClassUID} "
+        f"in transfer syntax {ds.file_meta.TransferSyntaxUID}{detail}",
+        refused=True,
+    )
 
 
 def send_files(remote: RemoteNode, paths: Sequence[Path]) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery
 from celery.signals import worker_ready
 from kombu import Queue
 
@@ -15,15 +15,6 @@ from worker.context import WorkerContext
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-TASK_DELIVER_PENDING = "pacs_ai.deliver_pending"
-# Delivery retries back off from 2 s to at most 5 min; with 500 attempts that is about 40 hours.
-RETRY_MAX_DELAY_S = 300
-RETRY_MAX_ATTEMPTS = 500
-
-
-def retry_delay(attempt: int) -> int:
-    return int(min(RETRY_MAX_DELAY_S, 2 ** min(attempt + 1, 16)))
 
 
 def create_app(settings: Settings, broker_url: str) -> Celery:
@@ -50,26 +41,13 @@ def create_app(settings: Settings, broker_url: str) -> Celery:
         log.info("model %s %s loaded%s", card.name, card.version, " (DEMO)" if card.demo else "")
         # Retries and escalations of urgent alerts, independent of the job queue.
         context.dispatcher.start()
+        # SR deliveries: retries with backoff, the circuit breaker and dead letters (worker.outbox).
+        context.outbox.start()
 
     worker_ready.connect(warm_up, weak=False)
 
-    @app.task(name=TASK_PROCESS_STUDY, bind=True, max_retries=None)
-    def process_study(self: Task, job_id: str) -> None:
-        pending = tasks.process_study(context, job_id)
-        if not pending.done:
-            _schedule_delivery(app, job_id, self.request.delivery_info, attempt=0)
-
-    @app.task(name=TASK_DELIVER_PENDING, bind=True, max_retries=RETRY_MAX_ATTEMPTS)
-    def deliver_pending(self: Task, job_id: str) -> None:
-        pending = tasks.deliver_pending(context, job_id)
-        if not pending.done:
-            raise self.retry(countdown=retry_delay(self.request.retries))
+    @app.task(name=TASK_PROCESS_STUDY, max_retries=None)
+    def process_study(job_id: str) -> None:
+        tasks.process_study(context, job_id)
 
     return app
-
-
-def _schedule_delivery(app: Celery, job_id: str, delivery_info: Any, attempt: int) -> None:
-    queue = (delivery_info or {}).get("routing_key") or None
-    app.send_task(
-        TASK_DELIVER_PENDING, kwargs={"job_id": job_id}, queue=queue, countdown=retry_delay(attempt)
-    )

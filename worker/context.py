@@ -9,6 +9,7 @@ from dicom_node.index import Index
 from worker.alerting import AlertDispatcher
 from worker.models import load_classifier
 from worker.models.base import Classifier
+from worker.outbox import OutboxDispatcher
 from worker.settings import Settings
 
 
@@ -19,6 +20,7 @@ class WorkerContext:
         self.settings = settings
         self.index = Index(settings.index_url)
         self.dispatcher = AlertDispatcher(self.index, settings.alerts)
+        self.outbox = OutboxDispatcher(self.index, settings.outputs)
         self._classifier: Classifier | None = None
         self._lock = threading.Lock()
 
@@ -36,4 +38,5 @@ class WorkerContext:
 
     def close(self) -> None:
         self.dispatcher.stop()
+        self.outbox.stop()
         self.index.close()

@@ -1,0 +1,264 @@
+"""The output outbox: every SR goes to every destination through rows in the index, exactly once.
+
+A job only records its outputs and creates one ``deliveries`` row per object and destination, then
+gives the dispatcher a push. The dispatcher (one thread per worker process; rows are leased so two
+processes never send the same one) sends all due rows of a destination on one association, and
+decides each row's fate from the destination's answer:
+
+- stored (success or warning status): delivered, never sent again;
+- a refusal that will not change on retry (SOP class not accepted, a failure status such as
+  0xA900 or 0xC000): dead at once, with the status, for an operator to look at;
+- anything else (destination down, out of resources): pending again after an exponential backoff
+  with jitter, until the retry horizon (24 h by default) has passed; then dead.
+
+Association failures also count against the destination's circuit breaker: after N in a row nobody
+tries it for a cool-down, then one sender probes it. ``pacs-ai outbox`` lists, revives and purges.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.errors import DestinationUnavailable
+from dicom_node.index import DeliveryStatus, Index
+from dicom_node.scu import RemoteNode, StoreOutcome, store_datasets
+from dicom_node.settings import DestinationSettings
+from worker.settings import OutputSettings
+
+log = logging.getLogger(__name__)
+
+# A sender holds its rows this long beyond the association's own timeouts before another may.
+LEASE_MARGIN_S = 30.0
+
+
+def retryable_status(status: int) -> bool:
+    """C-STORE failure statuses that may go away on their own (PS3.4 B.2.3, PS3.7 C)."""
+    return (
+        0xA700 <= status <= 0xA7FF  # refused: out of resources
+        or status in (0x0110, 0x0210, 0x0213)  # processing failure, duplicate invocation, resources
+    )
+
+
+def retry_delay(attempts: int, max_delay_s: float) -> float:
+    """Exponential backoff with jitter: about 1 s, 2 s, 4 s, ... up to ``max_delay_s``."""
+    base = min(max_delay_s, 2.0 ** min(attempts, 30))
+    return float(base * (0.8 + 0.4 * random.random()))
+
+
+def enqueue_outputs(
+    index: Index, settings: OutputSettings, sop_uids: Sequence[str], now: float | None = None
+) -> int:
+    """Create the outbox rows of these outputs for every configured destination."""
+    now = time.time() if now is None else now
+    names = [d.name for d in settings.destinations]
+    return sum(index.enqueue_deliveries(uid, names, now) for uid in sop_uids) if names else 0
+
+
+@dataclass
+class DispatchResult:
+    """What one pass did, row by row."""
+
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    # Destinations passed over because their circuit is open (or another sender probes them).
+    held_back: int = 0
+
+
+class OutboxDispatcher:
+    """Sends due outbox rows, one association per destination and pass; safe in every worker."""
+
+    def __init__(self, index: Index, settings: OutputSettings) -> None:
+        self.index = index
+        self.settings = settings
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run_once(self, now: float | None = None) -> DispatchResult:
+        """One pass over every destination with due rows. ``now`` injects the clock (tests)."""
+        injected = now
+        now = time.time() if now is None else now
+        result = DispatchResult()
+        by_destination: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self.index.due_deliveries(now):
+            by_destination[row["destination"]].append(row)
+        configured = {d.name: d for d in self.settings.destinations}
+        for name, rows in by_destination.items():
+            dest = configured.get(name)
+            if dest is None:
+                for row in rows:
+                    self._failed(row, now, None, f"destination {name!r} is not configured", result)
+                continue
+            self._send_batch(dest, rows, now, injected, result)
+        return result
+
+    def _send_batch(
+        self,
+        dest: DestinationSettings,
+        rows: list[dict[str, Any]],
+        now: float,
+        injected: float | None,
+        result: DispatchResult,
+    ) -> None:
+        hold = dest.timeout_s * (len(rows) + 2) + LEASE_MARGIN_S
+        if not self.index.admit_to_destination(dest.name, now, probe_until=now + hold):
+            result.held_back += 1
+            return
+        leased = [
+            r for r in rows if self.index.lease_delivery(r["id"], r["next_attempt_at"], now + hold)
+        ]
+        batch: list[tuple[dict[str, Any], Dataset]] = []
+        for row in leased:
+            dataset = self._read(row, now, result)
+            if dataset is not None:
+                batch.append((row, dataset))
+        if not batch:
+            # Nothing was sent, so the destination was not tested: give a probe slot back.
+            self.index.release_destination_probe(dest.name)
+            return
+        remote = RemoteNode.from_destination(dest)
+        try:
+            outcomes = store_datasets(remote, [ds for _, ds in batch])
+        except (DestinationUnavailable, OSError) as exc:
+            stamp = time.time() if injected is None else now
+            message = f"{dest.name}: {exc}"
+            opened = self._count(dest, stamp, message)
+            for row, _ in batch:
+                self._failed(row, stamp, None, message, result)
+            log.warning(
+                "outbox: %s unreachable, %d object(s) wait%s: %s",
+                dest.name,
+                len(batch),
+                " (circuit open)" if opened else "",
+                exc,
+            )
+            return
+        stamp = time.time() if injected is None else now
+        lost = any(o.status is None and not o.refused for o in outcomes)
+        self._count(dest, stamp, f"{dest.name}: association lost mid-batch" if lost else None)
+        delivered = 0
+        for (row, _), outcome in zip(batch, outcomes, strict=True):
+            if self._settle(row, stamp, outcome, result):
+                delivered += 1
+        if delivered:
+            log.info("outbox: delivered %d object(s) to %s on one association", delivered, remote)
+
+    def _read(self, row: dict[str, Any], now: float, result: DispatchResult) -> Dataset | None:
+        path = row.get("path")
+        try:
+            if not path:
+                raise FileNotFoundError("the output is no longer recorded in the index")
+            return dcmread(Path(path))
+        except (OSError, InvalidDicomError) as exc:
+            self._dead(row, now, None, f"output file unreadable: {exc}", result)
+            return None
+
+    def _settle(
+        self, row: dict[str, Any], now: float, outcome: StoreOutcome, result: DispatchResult
+    ) -> bool:
+        if outcome.stored:
+            self.index.record_delivery_attempt(
+                row["id"], now, status=DeliveryStatus.DELIVERED, dimse_status=outcome.status
+            )
+            result.delivered += 1
+            return True
+        if outcome.refused or (outcome.status is not None and not retryable_status(outcome.status)):
+            self._dead(row, now, outcome.status, outcome.message, result)
+        else:
+            self._failed(row, now, outcome.status, outcome.message, result)
+        return False
+
+    def _failed(
+        self,
+        row: dict[str, Any],
+        now: float,
+        status: int | None,
+        error: str,
+        result: DispatchResult,
+    ) -> None:
+        """A transient failure: retry after the backoff, or give up past the horizon."""
+        deadline = (row.get("revived_at") or row["created_at"]) + self.settings.retry_horizon_s
+        if now >= deadline:
+            hours = self.settings.retry_horizon_s / 3600
+            self._dead(
+                row,
+                now,
+                status,
+                f"gave up after {row['attempts'] + 1} attempts over {hours:g} h: {error}",
+                result,
+            )
+            return
+        delay = retry_delay(row["attempts"], self.settings.retry_max_delay_s)
+        self.index.record_delivery_attempt(
+            row["id"],
+            now,
+            status=DeliveryStatus.PENDING,
+            dimse_status=status,
+            error=error,
+            next_attempt_at=min(now + delay, deadline),
+        )
+        result.retrying += 1
+
+    def _dead(
+        self,
+        row: dict[str, Any],
+        now: float,
+        status: int | None,
+        error: str,
+        result: DispatchResult,
+    ) -> None:
+        self.index.record_delivery_attempt(
+            row["id"], now, status=DeliveryStatus.DEAD, dimse_status=status, error=error
+        )
+        result.dead += 1
+        log.error(
+            "outbox: %s of study %s will not reach %s (dead letter, see pacs-ai outbox list): %s",
+            row.get("kind") or "output",
+            row.get("study_instance_uid") or "?",
+            row["destination"],
+            error,
+        )
+
+    def _count(self, dest: DestinationSettings, now: float, error: str | None) -> bool:
+        return self.index.record_destination_result(
+            dest.name,
+            now,
+            error=error,
+            open_after=self.settings.circuit_failures,
+            cooldown_s=self.settings.circuit_cooldown_s,
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("outbox pass failed; retrying")
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="outbox-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
