@@ -125,6 +125,12 @@ outputs = sa.Table(
     sa.Column("kind", sa.String(32), nullable=False),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Versions (replace vs amend): what the output was made from, by which model, which output
+    # it amends and which one amended it. NULL in rows written before versions were tracked.
+    sa.Column("input_digest", sa.String(64), nullable=True),
+    sa.Column("model", sa.String(128), nullable=True),
+    sa.Column("predecessor_uid", sa.String(64), nullable=True),
+    sa.Column("replaced_by", sa.String(64), nullable=True),
 )
 
 deliveries = sa.Table(
@@ -1239,3 +1245,59 @@ class Index:
         """A retried entry was accepted: it is no longer quarantined."""
         with self._tx() as conn:
             conn.execute(quarantine.delete().where(quarantine.c.id == entry_id))
+
+    # --- output versions: a re-run replaces, a late image amends -----------------------------
+
+    def output_predecessor(
+        self, study_uid: str, kind: str, model: str, sop_uid: str
+    ) -> dict[str, Any] | None:
+        """The output that a new one (``sop_uid``) of this study, kind and model amends.
+
+        That is the one already recorded as amended by ``sop_uid`` (a re-run of an amendment
+        keeps its link), else the newest one not yet amended. An output never amends itself,
+        so a re-run of the same inputs and model finds none. Rows from before versions were
+        tracked (no model) count as the same model.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(outputs)
+                .where(outputs.c.study_instance_uid == study_uid)
+                .where(outputs.c.kind == kind)
+                .where(sa.or_(outputs.c.model == model, outputs.c.model.is_(None)))
+                .where(outputs.c.sop_instance_uid != sop_uid)
+                .where(sa.or_(outputs.c.replaced_by.is_(None), outputs.c.replaced_by == sop_uid))
+                .order_by(
+                    sa.case((outputs.c.replaced_by == sop_uid, 0), else_=1),
+                    outputs.c.created_at.desc(),
+                )
+                .limit(1)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    def link_output(
+        self,
+        sop_uid: str,
+        *,
+        input_digest: str | None,
+        model: str | None,
+        predecessor_uid: str | None,
+    ) -> None:
+        """Record what a recorded output was made from and the output it amends, which is
+        marked as replaced by it; the output itself is current (not replaced)."""
+        with self._tx() as conn:
+            conn.execute(
+                outputs.update()
+                .where(outputs.c.sop_instance_uid == sop_uid)
+                .values(
+                    input_digest=input_digest,
+                    model=model,
+                    predecessor_uid=predecessor_uid,
+                    replaced_by=None,
+                )
+            )
+            if predecessor_uid is not None:
+                conn.execute(
+                    outputs.update()
+                    .where(outputs.c.sop_instance_uid == predecessor_uid)
+                    .values(replaced_by=sop_uid)
+                )

@@ -175,6 +175,9 @@ class DestinationSettings(Strict):
     calling_ae_title: AETitle = "PACSAI"
     timeout_s: float = Field(default=30.0, gt=0)
     tls: DestinationTLSSettings = Field(default_factory=DestinationTLSSettings)
+    # Also send a Key Object Selection of the images behind present findings, for viewers that
+    # show key images but do not render SR. Off by default: not every PACS wants extra objects.
+    kos: bool = False
 
 
 # --- routing ------------------------------------------------------------------------------------

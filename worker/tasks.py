@@ -14,7 +14,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.index import JobRow
 from dicom_node.spool import durable_write
@@ -66,10 +68,12 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         settings.models.cxr_triage.urgent_findings,
         manufacturer=settings.outputs.manufacturer,
         institution_name=settings.outputs.institution_name,
+        previous=_previous_versions(ctx, job.study_instance_uid, classifier.card.name),
+        key_images=any(d.kos for d in settings.outputs.destinations),
     )
     sr = result.sr
     sr_uid = str(sr.SOPInstanceUID)
-    for kind, dataset in ((SR_KIND, sr), (REPORT_KIND, result.report)):
+    for kind, dataset in result.outputs():
         path = _write_output(settings.storage.outputs_dir / job.study_instance_uid, dataset)
         ctx.index.record_output(
             str(dataset.SOPInstanceUID),
@@ -79,6 +83,12 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             str(path),
             time.time(),
         )
+        ctx.index.link_output(
+            str(dataset.SOPInstanceUID),
+            input_digest=result.input_digest,
+            model=result.card.name,
+            predecessor_uid=result.replaces.get(kind),
+        )
     card = result.card
     where = ", ".join(d.name for d in settings.outputs.destinations) or "pacs-ai outputs"
     if raise_alerts(ctx.index, settings.alerts, result.findings, card, sr, where):
@@ -87,6 +97,9 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     return {
         "sr_sop_instance_uid": sr_uid,
         "report_sop_instance_uid": str(result.report.SOPInstanceUID),
+        "kos_sop_instance_uid": None if result.kos is None else str(result.kos.SOPInstanceUID),
+        # Output kind -> the SOP Instance UID this run's output amends (after a late image).
+        "amends": dict(result.replaces),
         "accession_number": str(sr.get("AccessionNumber", "") or ""),
         "model": {"name": card.name, "version": card.version, "demo": card.demo},
         "findings": [
@@ -100,6 +113,23 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             for f in result.findings
         ],
     }
+
+
+def _previous_versions(ctx: WorkerContext, study_uid: str, model: str) -> cxr.PreviousVersion:
+    """Look up, in the index and the outputs folder, the stored output a new one amends."""
+
+    def previous(kind: str, sop_uid: str) -> Dataset | None:
+        row = ctx.index.output_predecessor(study_uid, kind, model, sop_uid)
+        if row is None:
+            return None
+        try:
+            return dcmread(Path(row["path"]), stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            # The amendment still goes out, unlinked: losing the new result would be worse.
+            log.warning("previous %s %s unreadable, not linked: %s", kind, row["path"], exc)
+            return None
+
+    return previous
 
 
 def _write_output(folder: Path, dataset: Dataset) -> Path:

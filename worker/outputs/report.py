@@ -3,7 +3,7 @@
 Findings, impression and comparison sections are assembled from the standardised sentences in
 ``templates/report/cxr.yaml``. The document is PRELIMINARY, PARTIAL and UNVERIFIED, says so in its
 first sentence, and lists the findings SR it was written from in its evidence, so a viewer can
-follow the link.
+follow the link. A draft written after a late image names the draft it amends as its predecessor.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from worker.outputs.sr import clean_copied_attributes, derive_uid
 from worker.templates import templates_dir
 
 SERIES_DESCRIPTION = "AI draft report (preliminary)"
+# The output kind in the index, and part of every UID derived for this document.
+KIND = "report-sr"
 # LOINC 18748-4 "Diagnostic imaging report": the document title of TID 2000.
 TITLE = Code("18748-4", "LN", "Diagnostic imaging report")
 FINDINGS = Code("121070", "DCM", "Findings")
@@ -108,10 +110,21 @@ def build_report_sr(
     manufacturer: str,
     institution_name: str | None = None,
     series_number: int = 9002,
+    previous_version: pydicom.Dataset | None = None,
 ) -> hd.sr.EnhancedSR:
-    """The narrative draft SR for a study, linked to its findings SR through the evidence."""
+    """The narrative draft SR for a study, linked to its findings SR through the evidence.
+
+    ``previous_version`` is the draft this one amends; it goes in the Predecessor Documents
+    Sequence (ignored when it is this very draft, as on a re-run of the same inputs).
+    """
     narrative = write_narrative(results, card)
-    identity = (str(findings_sr.SOPInstanceUID), "report-sr")
+    identity = _identity(findings_sr)
+    sop_instance_uid = derive_uid(*identity, "sop-instance")
+    predecessors = None
+    if previous_version is not None and str(previous_version.SOPInstanceUID) != sop_instance_uid:
+        if previous_version.StudyInstanceUID != findings_sr.StudyInstanceUID:
+            raise ValueError("the previous draft belongs to another study")
+        predecessors = [previous_version]
     root = hd.sr.ContainerContentItem(name=TITLE, template_id="2000")
     root.ContentSequence = DicomSequence(
         [
@@ -129,7 +142,7 @@ def build_report_sr(
         content=root,
         series_instance_uid=derive_uid(*identity, "series"),
         series_number=series_number,
-        sop_instance_uid=derive_uid(*identity, "sop-instance"),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=manufacturer,
         is_complete=False,
@@ -137,6 +150,16 @@ def build_report_sr(
         is_verified=False,
         institution_name=institution_name,
         series_description=description,
+        previous_versions=predecessors,
     )
     clean_copied_attributes(sr, sources[0])
     return sr
+
+
+def report_sr_uid(findings_sr: pydicom.Dataset) -> str:
+    """The SOP Instance UID :func:`build_report_sr` gives the draft of this findings SR."""
+    return derive_uid(*_identity(findings_sr), "sop-instance")
+
+
+def _identity(findings_sr: pydicom.Dataset) -> tuple[str, str]:
+    return (str(findings_sr.SOPInstanceUID), KIND)

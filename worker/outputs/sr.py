@@ -16,12 +16,14 @@ Content tree, one document per study and model::
           Source images of the group
 
 Codes come from ``templates/codes.yaml`` (:mod:`worker.templates`). UIDs are derived from the
-inputs and the model, so a re-run replaces the SR in the PACS rather than adding a second one.
+inputs and the model, so a re-run replaces the SR in the PACS rather than adding a second one; a
+new or late image changes the UID, and the new SR names the one it amends as its predecessor.
 An AI result is never complete, final or verified: PARTIAL, PRELIMINARY, UNVERIFIED.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -44,6 +46,8 @@ from worker.templates import CodeMap, code_map
 logger = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI chest X-ray findings"
+# The output kind in the index, and part of every UID derived for this document.
+KIND = "findings-sr"
 
 # Fixed namespace of every UID this project derives. Changing it changes every output UID, so a
 # re-run after the change would duplicate results in the PACS: never change it.
@@ -103,10 +107,13 @@ def build_findings_sr(
     institution_name: str | None = None,
     series_number: int = 9001,
     instance_number: int = 1,
+    previous_version: pydicom.Dataset | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the findings SR of one study from the model's results (see the module docstring).
 
     ``sources`` are the study's images the model read (headers suffice; pixels are not used).
+    ``previous_version`` is the findings SR this one amends (made before a late image arrived):
+    it is listed in the Predecessor Documents Sequence so the PACS links the two.
     Raises :class:`FindingsSRError` for inputs that would make a wrong report, and
     :class:`worker.templates.UnknownFinding` for a finding ``codes.yaml`` does not define.
     """
@@ -119,29 +126,12 @@ def build_findings_sr(
     if duplicates:
         raise FindingsSRError(f"finding reported twice: {', '.join(duplicates)}")
 
-    # Sorted so that the order images arrived in does not change the UID.
-    identity = (
-        *sorted(images),
-        card.name,
-        card.version,
-        card.weights_sha256,
-        "findings-sr",
-    )
+    identity = _identity(images, card)
     sop_instance_uid = derive_uid(*identity, "sop-instance")
     series_instance_uid = derive_uid(*identity, "series")
-    # The device UID changes exactly when the model (name, version or weights) changes.
-    device_uid = derive_uid(card.name, card.version, card.weights_sha256, "algorithm-device")
-
+    predecessors = _predecessors(previous_version, sop_instance_uid, images)
     algorithm_name = f"{card.name} ({DEMO_LABEL})" if card.demo else card.name
-    observer = hd.sr.ObserverContext(
-        observer_type=dicom_codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=algorithm_name,
-            manufacturer_name=card.manufacturer,
-            model_name=card.name,
-        ),
-    )
+    observer = algorithm_observer(card)
     groups = [
         _measurement_group(result, card, codes, images, algorithm_name, sop_instance_uid)
         for result in results
@@ -153,17 +143,7 @@ def build_findings_sr(
     )
     _insert_image_library(report, list(images.values()))
 
-    equipment = hd.ContributingEquipment(
-        manufacturer=card.manufacturer,
-        purpose_of_reference=codes.processing_purpose,
-        manufacturer_model_name=card.name,
-        software_versions=card.version,
-        contribution_description=(f"{DEMO_LABEL}: " if card.demo else "")
-        + f"AI algorithm {card.name} {card.version} (weights sha256 {card.weights_sha256})",
-    )
-    # Device UID (0018,1002) is allowed in Contributing Equipment items but highdicom has no
-    # argument for it; it is what lets a PACS tell two builds of the same model apart.
-    equipment.DeviceUID = device_uid
+    equipment = algorithm_equipment(card)
 
     series_description = f"{DEMO_LABEL} - {SERIES_DESCRIPTION}" if card.demo else SERIES_DESCRIPTION
     sr = hd.sr.ComprehensiveSR(
@@ -181,9 +161,76 @@ def build_findings_sr(
         institution_name=institution_name,
         contributing_equipment=[equipment],
         series_description=series_description,
+        previous_versions=predecessors,
     )
     clean_copied_attributes(sr, next(iter(images.values())))
     return sr
+
+
+def algorithm_device_uid(card: ModelCard) -> str:
+    """The algorithm's device UID: it changes exactly when the model (name, version, weights) does."""
+    return derive_uid(card.name, card.version, card.weights_sha256, "algorithm-device")
+
+
+def algorithm_observer(card: ModelCard) -> hd.sr.ObserverContext:
+    """The device observer context that names the algorithm as the author of a document."""
+    return hd.sr.ObserverContext(
+        observer_type=dicom_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm_device_uid(card),
+            name=f"{card.name} ({DEMO_LABEL})" if card.demo else card.name,
+            manufacturer_name=card.manufacturer,
+            model_name=card.name,
+        ),
+    )
+
+
+def algorithm_equipment(card: ModelCard) -> hd.ContributingEquipment:
+    """The Contributing Equipment item of the algorithm ("Processing Algorithm")."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=card.manufacturer,
+        purpose_of_reference=code_map().processing_purpose,
+        manufacturer_model_name=card.name,
+        software_versions=card.version,
+        contribution_description=(f"{DEMO_LABEL}: " if card.demo else "")
+        + f"AI algorithm {card.name} {card.version} (weights sha256 {card.weights_sha256})",
+    )
+    # Device UID (0018,1002) is allowed in Contributing Equipment items but highdicom has no
+    # argument for it; it is what lets a PACS tell two builds of the same model apart.
+    equipment.DeviceUID = algorithm_device_uid(card)
+    return equipment
+
+
+def findings_sr_uid(sources: Sequence[pydicom.Dataset], card: ModelCard) -> str:
+    """The SOP Instance UID :func:`build_findings_sr` gives the SR of these images and model."""
+    return derive_uid(*_identity(_unique_images(sources), card), "sop-instance")
+
+
+def input_digest(sources: Sequence[pydicom.Dataset]) -> str:
+    """A digest of the set of source images (order and duplicates do not matter)."""
+    names = "\n".join(sorted({str(ds.SOPInstanceUID) for ds in sources}))
+    return hashlib.sha256(names.encode("ascii")).hexdigest()
+
+
+def _identity(images: dict[str, pydicom.Dataset], card: ModelCard) -> tuple[str, ...]:
+    # Sorted so that the order images arrived in does not change the UID.
+    return (*sorted(images), card.name, card.version, card.weights_sha256, KIND)
+
+
+def _predecessors(
+    previous: pydicom.Dataset | None, sop_instance_uid: str, images: dict[str, pydicom.Dataset]
+) -> list[pydicom.Dataset] | None:
+    """The Predecessor Documents of an amended document, checked to be another document of
+    the same study (a wrong link would hide a result behind an unrelated one)."""
+    if previous is None:
+        return None
+    if str(previous.SOPInstanceUID) == sop_instance_uid:
+        # A re-run of the same inputs replaces the document; it does not amend itself.
+        return None
+    study = str(next(iter(images.values())).StudyInstanceUID)
+    if str(previous.StudyInstanceUID) != study:
+        raise FindingsSRError("the previous version belongs to another study")
+    return [previous]
 
 
 # Type 2 attributes of the Patient and General Study modules: present, but may be empty.

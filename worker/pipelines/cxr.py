@@ -2,14 +2,18 @@
 
 Steps (each a function that can be tested alone):
 ``load_images`` → ``select_frontal`` → ``decode_images`` → ``classify`` → ``decide_findings`` →
-``build_findings_sr`` → ``build_report_sr`` (the narrative draft).
+``build_findings_sr`` → ``build_report_sr`` (the narrative draft) → ``build_key_object_selection``
+(only when a destination asks for key images).
+
+Outputs replace or amend: a re-run of the same images and model makes the same UIDs (the PACS
+replaces), while a late image makes new ones, and ``previous`` names the documents they amend.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -20,8 +24,9 @@ from dicom_node.sop import IMAGE_STORAGE
 from worker.findings import DecodedImage, FindingResult, ModelCard
 from worker.imaging.decode import decode_instance
 from worker.models.base import Classifier
-from worker.outputs.report import build_report_sr
-from worker.outputs.sr import build_findings_sr
+from worker.outputs import kos as key_objects
+from worker.outputs import report as report_sr
+from worker.outputs import sr as findings_sr
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +35,30 @@ class NoUsableImages(Exception):
     """The study holds no radiograph the pipeline can read."""
 
 
+# Given an output kind and the SOP Instance UID of the document about to be made, the stored
+# document of that kind it amends (same study and model, other images), or None.
+PreviousVersion = Callable[[str, str], Dataset | None]
+
+
 @dataclass(frozen=True)
 class CxrResult:
     findings: list[FindingResult]
     sr: Dataset
     report: Dataset
     card: ModelCard
+    # Key images for viewers that do not render SR; None unless asked for and a finding is present.
+    kos: Dataset | None = None
+    # Digest of the set of source images the outputs were made from.
+    input_digest: str = ""
+    # Output kind -> SOP Instance UID of the document the new one amends.
+    replaces: dict[str, str] = field(default_factory=dict)
+
+    def outputs(self) -> list[tuple[str, Dataset]]:
+        """Every object to store and deliver, by output kind."""
+        made = [(findings_sr.KIND, self.sr), (report_sr.KIND, self.report)]
+        if self.kos is not None:
+            made.append((key_objects.KIND, self.kos))
+        return made
 
 
 def load_images(records: Sequence[InstanceRecord]) -> list[Dataset]:
@@ -109,26 +132,59 @@ def run(
     *,
     manufacturer: str,
     institution_name: str | None,
+    previous: PreviousVersion | None = None,
+    key_images: bool = False,
 ) -> CxrResult:
-    """The whole chest X-ray triage pipeline for one study."""
+    """The whole chest X-ray triage pipeline for one study.
+
+    ``previous`` finds the documents a new one amends (see :data:`PreviousVersion`);
+    ``key_images`` adds a Key Object Selection of the images behind present findings.
+    """
     images = load_images(records)
     decoded = decode_images(select_frontal(images))
     scores = classify(classifier, decoded)
     merged = {**classifier.default_thresholds, **thresholds}
-    findings = decide_findings(decoded, scores, classifier.card, merged, urgent_findings)
-    sr = build_findings_sr(
+    card = classifier.card
+    findings = decide_findings(decoded, scores, card, merged, urgent_findings)
+    replaces: dict[str, str] = {}
+
+    def amends(kind: str, sop_instance_uid: str) -> Dataset | None:
+        found = previous(kind, sop_instance_uid) if previous is not None else None
+        if found is None or str(found.SOPInstanceUID) == sop_instance_uid:
+            return None
+        replaces[kind] = str(found.SOPInstanceUID)
+        return found
+
+    sr = findings_sr.build_findings_sr(
         images,
         findings,
-        classifier.card,
+        card,
         manufacturer=manufacturer,
         institution_name=institution_name,
+        previous_version=amends(findings_sr.KIND, findings_sr.findings_sr_uid(images, card)),
     )
-    report = build_report_sr(
+    report = report_sr.build_report_sr(
         images,
         findings,
-        classifier.card,
+        card,
         sr,
         manufacturer=manufacturer,
         institution_name=institution_name,
+        previous_version=amends(report_sr.KIND, report_sr.report_sr_uid(sr)),
     )
-    return CxrResult(findings=findings, sr=sr, report=report, card=classifier.card)
+    kos = None
+    if key_images and key_objects.key_images(images, findings):
+        kos = key_objects.build_key_object_selection(
+            images, findings, card, sr, manufacturer=manufacturer, institution_name=institution_name
+        )
+        # A KOS cannot name a predecessor; the lookup only records which one it replaces.
+        amends(key_objects.KIND, str(kos.SOPInstanceUID))
+    return CxrResult(
+        findings=findings,
+        sr=sr,
+        report=report,
+        card=card,
+        kos=kos,
+        input_digest=findings_sr.input_digest(images),
+        replaces=replaces,
+    )
