@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom import dcmread
@@ -15,6 +15,9 @@ from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.security import client_context
 from dicom_node.settings import DestinationSettings, DestinationTLSSettings
 from dicom_node.sop import VERIFICATION
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+EXPLICIT_VR_LE, IMPLICIT_VR_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class StoreOutcome:
     status: int | None
     message: str
     refused: bool = False
+    # With confirmation asked for: did a C-FIND find the stored object? None: not checked.
+    confirmed: bool | None = None
 
     @property
     def stored(self) -> bool:
@@ -136,15 +141,20 @@ class StoreOutcome:
         )
 
 
-def store_datasets(remote: RemoteNode, datasets: Sequence[Dataset]) -> list[StoreOutcome]:
+def store_datasets(
+    remote: RemoteNode, datasets: Sequence[Dataset], *, confirm_by_find: bool = False
+) -> list[StoreOutcome]:
     """C-STORE the data sets on one association and report each answer, failures included.
 
     Raises :class:`DestinationUnavailable` only when no association could be made; an association
     that breaks mid-batch leaves the rest with ``status`` None (not refused: worth retrying).
+    ``confirm_by_find``: then C-FIND each stored object on the same association.
     """
     if not datasets:
         return []
     contexts = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
+    if confirm_by_find:
+        contexts += [(STUDY_ROOT_FIND, ts) for ts in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)]
     assoc = _request(remote, contexts)
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -168,10 +178,41 @@ def store_datasets(remote: RemoteNode, datasets: Sequence[Dataset]) -> list[Stor
                 continue
             status = int(response.Status)
             outcomes.append(StoreOutcome(status, f"{remote} answered status 0x{status:04X}"))
+        if confirm_by_find:
+            outcomes = [
+                _confirm(assoc, remote, ds, o) if o.stored else o
+                for ds, o in zip(datasets, outcomes, strict=True)
+            ]
     finally:
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _confirm(
+    assoc: Association, remote: RemoteNode, ds: Dataset, outcome: StoreOutcome
+) -> StoreOutcome:
+    uid = str(ds.SOPInstanceUID)
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    query.SeriesInstanceUID = ds.SeriesInstanceUID
+    query.SOPInstanceUID = uid
+    found = False
+    try:
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            pending = status is not None and int(status.get("Status", 0)) in (0xFF00, 0xFF01)
+            if pending and identifier is not None and identifier.get("SOPInstanceUID") == uid:
+                found = True
+    except ValueError:
+        return replace(outcome, confirmed=False, message=f"{remote} does not answer C-FIND")
+    if found:
+        return replace(outcome, confirmed=True)
+    return replace(
+        outcome,
+        confirmed=False,
+        message=f"{remote} answered 0x{outcome.status or 0:04X} but a C-FIND does not find {uid}",
+    )
 
 
 def _no_context(remote: RemoteNode, ds: Dataset, detail: str) -> StoreOutcome:

@@ -169,6 +169,9 @@ class DestinationSettings(Strict):
     """A DICOM node that receives the outputs (SRs) by C-STORE."""
 
     name: str = Field(min_length=1)
+    # After a successful C-STORE, "find" asks the destination (C-FIND, study root, IMAGE level)
+    # whether it really holds the object; a delivery counts only once it is found.
+    verify: Literal["none", "find"] = "none"
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)

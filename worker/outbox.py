@@ -57,13 +57,30 @@ def retry_delay(attempts: int, max_delay_s: float) -> float:
     return float(base * (0.8 + 0.4 * random.random()))
 
 
+# Output kinds a destination receives only when it asks for them (``DestinationSettings.kos``).
+OPT_IN_KINDS = ("kos",)
+
+
+def wants(dest: DestinationSettings, kind: str) -> bool:
+    """Does this destination take outputs of this kind?"""
+    return kind not in OPT_IN_KINDS or bool(getattr(dest, kind, False))
+
+
 def enqueue_outputs(
-    index: Index, settings: OutputSettings, sop_uids: Sequence[str], now: float | None = None
+    index: Index,
+    settings: OutputSettings,
+    outputs: Sequence[tuple[str, str]],
+    now: float | None = None,
 ) -> int:
-    """Create the outbox rows of these outputs for every configured destination."""
+    """Create the outbox rows of these ``(SOP Instance UID, kind)`` outputs for every destination
+    that takes their kind; return how many rows are new."""
     now = time.time() if now is None else now
-    names = [d.name for d in settings.destinations]
-    return sum(index.enqueue_deliveries(uid, names, now) for uid in sop_uids) if names else 0
+    created = 0
+    for uid, kind in outputs:
+        names = [d.name for d in settings.destinations if wants(d, kind)]
+        if names:
+            created += index.enqueue_deliveries(uid, names, now)
+    return created
 
 
 @dataclass
@@ -134,7 +151,9 @@ class OutboxDispatcher:
             return
         remote = RemoteNode.from_destination(dest)
         try:
-            outcomes = store_datasets(remote, [ds for _, ds in batch])
+            outcomes = store_datasets(
+                remote, [ds for _, ds in batch], confirm_by_find=dest.verify == "find"
+            )
         except (DestinationUnavailable, OSError) as exc:
             stamp = time.time() if injected is None else now
             message = f"{dest.name}: {exc}"
@@ -172,6 +191,10 @@ class OutboxDispatcher:
     def _settle(
         self, row: dict[str, Any], now: float, outcome: StoreOutcome, result: DispatchResult
     ) -> bool:
+        if outcome.stored and outcome.confirmed is False:
+            # Stored by its own account but not there when asked: send it again later.
+            self._failed(row, now, outcome.status, outcome.message, result)
+            return False
         if outcome.stored:
             self.index.record_delivery_attempt(
                 row["id"], now, status=DeliveryStatus.DELIVERED, dimse_status=outcome.status

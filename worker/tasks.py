@@ -51,7 +51,9 @@ def process_study(ctx: WorkerContext, job_id: str) -> None:
     # Outbox rows before the job is marked done: a crash in between re-runs the job, and the
     # rows, keyed by the outputs' deterministic UIDs, are created once.
     outputs = [o for o in ctx.index.study_outputs(job.study_instance_uid) if o["job_id"] == job_id]
-    enqueue_outputs(ctx.index, ctx.settings.outputs, [o["sop_instance_uid"] for o in outputs])
+    enqueue_outputs(
+        ctx.index, ctx.settings.outputs, [(o["sop_instance_uid"], o["kind"]) for o in outputs]
+    )
     ctx.index.finish_job(job_id, time.time(), result=summary)
     # Fast path: send now rather than at the dispatcher's next poll; whatever fails stays queued.
     ctx.outbox.run_once()

@@ -19,6 +19,7 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from dicom_node.index import DeliveryStatus, Index
+from dicom_node.scu import STUDY_ROOT_FIND
 from dicom_node.settings import DestinationSettings
 from tests.dicom_node.helpers import small_study
 from tests.servers import Orthanc, free_port
@@ -127,7 +128,7 @@ def test_objects_made_while_the_pacs_is_down_arrive_exactly_once_when_it_returns
     dispatcher = OutboxDispatcher(index, settings)
     orthanc.stop()
     uids = [make_output(index, tmp_path, seed) for seed in (1, 2, 3)]
-    assert enqueue_outputs(index, settings, uids, now=T0) == 3
+    assert enqueue_outputs(index, settings, [(u, "findings-sr") for u in uids], now=T0) == 3
 
     # The PACS is down for two minutes; the dispatcher keeps polling every 5 s.
     now = T0
@@ -166,11 +167,11 @@ def test_running_the_same_study_twice_leaves_one_copy_in_the_pacs(
     settings = outputs_to(destination(orthanc.dicom_port))
     dispatcher = OutboxDispatcher(index, settings)
     first = make_output(index, tmp_path / "run-1", seed=7)
-    enqueue_outputs(index, settings, [first], now=T0)
+    enqueue_outputs(index, settings, [(first, "findings-sr")], now=T0)
     assert dispatcher.run_once(T0).delivered == 1
     second = make_output(index, tmp_path / "run-2", seed=7, now=T0 + 60)
     assert second == first, "same inputs and model: same SOP Instance UID"
-    assert enqueue_outputs(index, settings, [second], now=T0 + 60) == 0
+    assert enqueue_outputs(index, settings, [(second, "findings-sr")], now=T0 + 60) == 0
     assert dispatcher.run_once(T0 + 60).delivered == 0
 
     assert len(orthanc.instances()) == 1
@@ -184,7 +185,7 @@ def test_a_destination_that_refuses_sr_makes_a_dead_letter_the_cli_shows_and_rev
     uid = make_output(index, tmp_path, seed=4)
     with store_scp([CTImageStorage]) as (port, received):
         settings = outputs_to(destination(port, ae_title="STRICT"))
-        enqueue_outputs(index, settings, [uid], now=T0)
+        enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
         result = OutboxDispatcher(index, settings).run_once(T0)
     assert (result.delivered, result.retrying, result.dead) == (0, 0, 1)
     assert received == []
@@ -221,7 +222,7 @@ def test_failure_statuses_that_will_not_change_are_dead_at_once_and_out_of_resou
     answers = {bad: 0xA900, busy: 0xA700}
     with store_scp([COMPREHENSIVE_SR], lambda ds: answers[str(ds.SOPInstanceUID)]) as (port, got):
         settings = outputs_to(destination(port, ae_title="STRICT"))
-        enqueue_outputs(index, settings, [bad, busy], now=T0)
+        enqueue_outputs(index, settings, [(bad, "findings-sr"), (busy, "findings-sr")], now=T0)
         result = OutboxDispatcher(index, settings).run_once(T0)
     assert len(got) == 2, "both sent on the one association"
     assert (result.delivered, result.retrying, result.dead) == (0, 1, 1)
@@ -241,7 +242,7 @@ def test_circuit_opens_after_repeated_connection_failures_and_closes_after_the_c
     dispatcher = OutboxDispatcher(index, settings)
     orthanc.stop()
     uid = make_output(index, tmp_path, seed=8)
-    enqueue_outputs(index, settings, [uid], now=T0)
+    enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
     now = T0
     for _ in range(3):
         now = next_due(index, "pacs")
@@ -284,7 +285,7 @@ def test_a_destination_down_past_the_retry_horizon_makes_dead_letters_then_purge
     )
     dispatcher = OutboxDispatcher(index, settings)
     uid = make_output(index, tmp_path, seed=9)
-    enqueue_outputs(index, settings, [uid], now=T0)
+    enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
     for _ in range(200):
         if rows(index, uid)[0]["status"] != "pending":
             break
@@ -297,3 +298,52 @@ def test_a_destination_down_past_the_retry_horizon_makes_dead_letters_then_purge
     assert cli(tmp_path, index, "outbox", "purge", "--dead", "--older-than", "1") == 0
     assert rows(index, uid) == [], "dead since 2027: older than a day"
     capsys.readouterr()
+
+
+def test_with_find_verification_a_delivery_counts_only_once_the_pacs_finds_the_object(
+    tmp_path: Path, index: Index, orthanc: Orthanc
+) -> None:
+    uid = make_output(index, tmp_path, seed=10)
+    dest = destination(orthanc.dicom_port).model_copy(update={"verify": "find"})
+    settings = outputs_to(dest)
+    enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
+    assert OutboxDispatcher(index, settings).run_once(T0).delivered == 1
+    [row] = rows(index, uid)
+    assert row["status"] == "delivered" and row["last_error"] is None
+
+
+def test_with_find_verification_a_pacs_that_loses_what_it_acknowledged_gets_it_again(
+    tmp_path: Path, index: Index
+) -> None:
+    """A node that answers 0x0000 to C-STORE but whose C-FIND never finds the object."""
+    uid = make_output(index, tmp_path, seed=11)
+    ae = AE(ae_title="LOSSY")
+    ae.add_supported_context(COMPREHENSIVE_SR, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(STUDY_ROOT_FIND)
+    stored: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        yield 0x0000, None
+
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_C_FIND, on_find)],
+    )
+    try:
+        dest = destination(port, ae_title="LOSSY").model_copy(update={"verify": "find"})
+        settings = outputs_to(dest)
+        enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
+        dispatcher = OutboxDispatcher(index, settings)
+        assert dispatcher.run_once(T0).retrying == 1
+        [row] = rows(index, uid)
+        assert row["status"] == "pending" and "does not find" in row["last_error"]
+        dispatcher.run_once(row["next_attempt_at"])
+    finally:
+        server.shutdown()
+    assert stored == [uid, uid], "sent again on the next attempt"
