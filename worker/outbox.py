@@ -35,6 +35,7 @@ from dicom_node.errors import DestinationUnavailable
 from dicom_node.index import DeliveryStatus, Index
 from dicom_node.scu import RemoteNode, StoreOutcome, store_datasets
 from dicom_node.settings import DestinationSettings
+from worker.outputs.kos import KIND as KOS_KIND
 from worker.settings import OutputSettings
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,9 @@ def retry_delay(attempts: int, max_delay_s: float) -> float:
     return float(base * (0.8 + 0.4 * random.random()))
 
 
-# Output kinds a destination receives only when it asks for them (``DestinationSettings.kos``).
-OPT_IN_KINDS = ("kos",)
-
-
 def wants(dest: DestinationSettings, kind: str) -> bool:
-    """Does this destination take outputs of this kind?"""
-    return kind not in OPT_IN_KINDS or bool(getattr(dest, kind, False))
+    """Does this destination take outputs of this kind? Key Object Selections only on request."""
+    return kind != KOS_KIND or dest.kos
 
 
 def enqueue_outputs(

@@ -347,3 +347,13 @@ def test_with_find_verification_a_pacs_that_loses_what_it_acknowledged_gets_it_a
     finally:
         server.shutdown()
     assert stored == [uid, uid], "sent again on the next attempt"
+
+
+def test_key_object_selections_go_only_to_destinations_that_ask_for_them(index: Index) -> None:
+    plain = destination(104, name="plain")
+    keen = destination(105, name="keen").model_copy(update={"kos": True})
+    settings = outputs_to(plain, keen)
+    created = enqueue_outputs(index, settings, [("2.25.1", "findings-sr"), ("2.25.2", "kos")], T0)
+    assert created == 3
+    assert {r["destination"] for r in rows(index, "2.25.1")} == {"plain", "keen"}
+    assert {r["destination"] for r in rows(index, "2.25.2")} == {"keen"}
