@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,6 +23,9 @@ from worker.broker import EMBEDDED, EmbeddedBroker
 from worker.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
+
+# CPU priority (nice) of workers that take routine work, under the urgent lane's worker.
+ROUTINE_NICE = 10
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -129,10 +133,17 @@ class Stack(AbstractContextManager["Stack"]):
         env[f"{ENV_PREFIX}QUEUE__BROKER_URL"] = self.broker_url
         env[f"{ENV_PREFIX}STORAGE__DATA_DIR"] = str(self.settings.storage.data_dir)
         if self.log_dir is None:
-            return subprocess.Popen(cmd, env=env)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"worker-{'-'.join(queues)}.log", "ab") as log_file:
-            return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, env=env)
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"worker-{'-'.join(queues)}.log", "ab") as log_file:
+                proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        if self.settings.queue.routine_queue in queues:
+            # Workers on one machine share its cores: the urgent lane's worker must win them while
+            # a routine backlog runs. Set before the worker starts its threads, which inherit it.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, ROUTINE_NICE)
+        return proc
 
     def start(self) -> Stack:
         url = self.settings.queue.broker_url
