@@ -22,6 +22,7 @@ from dicom_node.index import JobRow
 from dicom_node.spool import durable_write
 from worker.alerting import raise_alerts
 from worker.context import WorkerContext
+from worker.findings import FindingResult, ModelCard
 from worker.outbox import enqueue_outputs
 from worker.pipelines import cxr
 
@@ -63,6 +64,14 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     settings = ctx.settings
     classifier = ctx.cxr_classifier()
     records = ctx.index.study_instances(job.study_instance_uid)
+    where = ", ".join(d.name for d in settings.outputs.destinations) or "pacs-ai outputs"
+
+    def alert_now(findings: list[FindingResult], sr: Dataset, card: ModelCard) -> None:
+        # Alerts first: a person waiting for a pneumothorax alert must not wait for the other
+        # documents to be built and written, nor for the PACS.
+        if raise_alerts(ctx.index, settings.alerts, findings, card, sr, where):
+            ctx.dispatcher.run_once()
+
     result = cxr.run(
         records,
         classifier,
@@ -72,6 +81,7 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         institution_name=settings.outputs.institution_name,
         previous=_previous_versions(ctx, job.study_instance_uid, classifier.card.name),
         key_images=any(d.kos for d in settings.outputs.destinations),
+        on_findings=alert_now,
     )
     sr = result.sr
     sr_uid = str(sr.SOPInstanceUID)
@@ -92,10 +102,6 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             predecessor_uid=result.replaces.get(kind),
         )
     card = result.card
-    where = ", ".join(d.name for d in settings.outputs.destinations) or "pacs-ai outputs"
-    if raise_alerts(ctx.index, settings.alerts, result.findings, card, sr, where):
-        # Alerts first: a person waiting for a pneumothorax alert must not wait for the PACS.
-        ctx.dispatcher.run_once()
     return {
         "sr_sop_instance_uid": sr_uid,
         "report_sop_instance_uid": str(result.report.SOPInstanceUID),

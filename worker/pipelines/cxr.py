@@ -124,6 +124,10 @@ def decide_findings(
     return results
 
 
+# Called with the study's findings, its findings SR and the model card (alerts hang on this).
+FindingsReady = Callable[[list[FindingResult], Dataset, ModelCard], None]
+
+
 def run(
     records: Sequence[InstanceRecord],
     classifier: Classifier,
@@ -134,11 +138,14 @@ def run(
     institution_name: str | None,
     previous: PreviousVersion | None = None,
     key_images: bool = False,
+    on_findings: FindingsReady | None = None,
 ) -> CxrResult:
     """The whole chest X-ray triage pipeline for one study.
 
     ``previous`` finds the documents a new one amends (see :data:`PreviousVersion`);
-    ``key_images`` adds a Key Object Selection of the images behind present findings.
+    ``key_images`` adds a Key Object Selection of the images behind present findings;
+    ``on_findings`` is called as soon as the findings and the findings SR's identity are known,
+    before the remaining documents are built, so an urgent alert does not wait for them.
     """
     images = load_images(records)
     decoded = decode_images(select_frontal(images))
@@ -163,6 +170,8 @@ def run(
         institution_name=institution_name,
         previous_version=amends(findings_sr.KIND, findings_sr.findings_sr_uid(images, card)),
     )
+    if on_findings is not None:
+        on_findings(findings, sr, card)
     report = report_sr.build_report_sr(
         images,
         findings,
