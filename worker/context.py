@@ -9,6 +9,7 @@ from dicom_node.index import Index
 from worker.alerting import AlertDispatcher
 from worker.models import load_classifier
 from worker.models.base import Classifier
+from worker.models.batching import BatchingClassifier
 from worker.outbox import OutboxDispatcher
 from worker.settings import Settings
 
@@ -31,9 +32,16 @@ class WorkerContext:
     def cxr_classifier(self) -> Classifier:
         with self._lock:
             if self._classifier is None:
-                self._classifier = load_classifier(
-                    self.settings.models.cxr_triage, demo_dir=self.demo_model_dir
-                )
+                model_settings = self.settings.models.cxr_triage
+                model = load_classifier(model_settings, demo_dir=self.demo_model_dir)
+                if self.settings.worker.concurrency > 1:
+                    # Jobs running side by side share forward passes instead of queueing for them.
+                    model = BatchingClassifier(
+                        model,
+                        max_images=model_settings.batch_max_images,
+                        wait_ms=model_settings.batch_wait_ms,
+                    )
+                self._classifier = model
             return self._classifier
 
     def close(self) -> None:

@@ -46,6 +46,10 @@ class ClassifierSettings(Strict):
     # Operating points per finding; a finding not listed uses the model's own default.
     thresholds: dict[str, float] = Field(default_factory=dict)
     urgent_findings: list[str] = Field(default_factory=lambda: ["pneumothorax"])
+    # Micro-batching when a worker runs several jobs at once (worker.concurrency > 1): images of
+    # concurrent studies that arrive within batch_wait_ms share one forward pass.
+    batch_max_images: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
 
 class ModelsSettings(Strict):
