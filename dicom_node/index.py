@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,6 +55,8 @@ class DeliveryStatus(StrEnum):
     # An output the destination will never take (refused SOP class, permanent failure status) or
     # that outlived the retry horizon; only an operator revives it (``pacs-ai outbox retry``).
     DEAD = "dead"
+    # Stored; waiting for the destination's Storage Commitment report (until next_attempt_at).
+    COMMITTING = "committing"
 
 
 metadata = sa.MetaData()
@@ -152,6 +154,8 @@ deliveries = sa.Table(
     sa.Column("dead_at", sa.Float, nullable=True),
     # Set by an operator's retry: the retry horizon counts from here instead of created_at.
     sa.Column("revived_at", sa.Float, nullable=True),
+    # The Storage Commitment transaction a committing row waits on.
+    sa.Column("transaction_uid", sa.String(64), nullable=True, index=True),
     sa.UniqueConstraint("sop_instance_uid", "destination"),
 )
 
@@ -838,13 +842,19 @@ class Index:
         dimse_status: int | None = None,
         error: str | None = None,
         next_attempt_at: float | None = None,
+        only_if: DeliveryStatus | None = None,
     ) -> None:
-        """Record one attempt: delivered, pending again at ``next_attempt_at``, or dead."""
+        """Record one attempt: delivered, pending again at ``next_attempt_at``, or dead.
+
+        ``only_if``: leave the row alone unless it still has this status (a commitment report
+        may have settled it meanwhile).
+        """
+        query = deliveries.update().where(deliveries.c.id == delivery_id)
+        if only_if is not None:
+            query = query.where(deliveries.c.status == only_if)
         with self._tx() as conn:
             conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id == delivery_id)
-                .values(
+                query.values(
                     attempts=deliveries.c.attempts + 1,
                     status=status,
                     last_status=dimse_status,
@@ -855,6 +865,88 @@ class Index:
                     next_attempt_at=next_attempt_at if status == DeliveryStatus.PENDING else None,
                 )
             )
+
+    def await_commitment(
+        self,
+        delivery_ids: Sequence[int],
+        transaction_uid: str,
+        now: float,
+        until: float,
+        dimse_status: int | None = None,
+    ) -> None:
+        """Stored rows wait for the report of this Storage Commitment transaction until ``until``.
+
+        Written before the N-ACTION goes out: the report may come back before its response.
+        The attempt is counted when the report (or the timeout) settles the row.
+        """
+        if not delivery_ids:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id.in_(list(delivery_ids)))
+                .values(
+                    status=DeliveryStatus.COMMITTING,
+                    transaction_uid=transaction_uid,
+                    last_status=dimse_status,
+                    last_error=None,
+                    last_attempt_at=now,
+                    next_attempt_at=until,
+                )
+            )
+
+    def record_commitment(
+        self,
+        transaction_uid: str,
+        committed: Sequence[str],
+        failed: Mapping[str, str],
+        now: float,
+    ) -> int:
+        """Apply a Storage Commitment report; return how many waiting rows it settled.
+
+        Committed objects are delivered (at ``now``). Failed ones become due at once, still
+        committing, with the reason: the dispatcher's next pass schedules them again with its
+        backoff.
+        """
+        waiting = (
+            deliveries.update()
+            .where(deliveries.c.transaction_uid == transaction_uid)
+            .where(deliveries.c.status == DeliveryStatus.COMMITTING)
+        )
+        settled = 0
+        with self._tx() as conn:
+            if committed:
+                result = conn.execute(
+                    waiting.where(deliveries.c.sop_instance_uid.in_(list(committed))).values(
+                        status=DeliveryStatus.DELIVERED,
+                        attempts=deliveries.c.attempts + 1,
+                        delivered_at=now,
+                        next_attempt_at=None,
+                        last_error=None,
+                    )
+                )
+                settled += int(result.rowcount)
+            for sop_uid, reason in failed.items():
+                result = conn.execute(
+                    # Due since the request went out, on the clock of whoever sent it.
+                    waiting.where(deliveries.c.sop_instance_uid == sop_uid).values(
+                        next_attempt_at=deliveries.c.last_attempt_at, last_error=reason
+                    )
+                )
+                settled += int(result.rowcount)
+        return settled
+
+    def overdue_commitments(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Committing rows whose report failed them or never came in time."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                self._delivery_select()
+                .where(deliveries.c.status == DeliveryStatus.COMMITTING)
+                .where(deliveries.c.next_attempt_at <= now)
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+                .limit(limit)
+            ).all()
+        return [dict(r._mapping) for r in rows]
 
     def deliveries_of(self, sop_uid: str) -> list[dict[str, Any]]:
         with self._tx() as conn:

@@ -1,5 +1,10 @@
 """The Storage and Verification SCP: where a C-STORE lands.
 
+It also takes the Storage Commitment reports (N-EVENT-REPORT) that destinations send back on a new
+association after the outbox asked them to commit what it stored: that needs no new port or AE
+title, since the PACS already knows the listener, and the report lands in the shared index whichever
+worker process asked.
+
 The C-STORE handler only writes the encoded bytes, fsyncs, records the instance and answers; no
 pixel decoding, inference or network calls happen here. Success (0x0000) goes back only after the
 file is in place and its index row is committed.
@@ -20,13 +25,14 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.quarantine import Quarantine
+from dicom_node.scu import STORAGE_COMMITMENT
 from dicom_node.security import ListenerAE
 from dicom_node.settings import CompletionSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
@@ -39,6 +45,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_EVENT_TYPE = 0x0113
 
 _PIXEL_DATA_GROUP = 0x7FE0
 
@@ -146,6 +154,44 @@ class StorageSCP:
         except OutOfResources as exc:
             log.error("C-STORE from %s refused (0xA700): %s", calling_aet, exc)
             return OUT_OF_RESOURCES
+
+    def handle_event_report(self, event: Event) -> tuple[int, Dataset | None]:
+        """EVT_N_EVENT_REPORT: a Storage Commitment report for rows the outbox keeps waiting.
+
+        Event type 1: every referenced object committed; 2: some failed (Failed SOP Sequence,
+        with a reason each). A report the index cannot take is answered 0x0110: the destination
+        may send it again, and otherwise the rows time out and are sent again.
+        """
+        request = cast(N_EVENT_REPORT, event.request)
+        calling_aet = event.assoc.requestor.ae_title.strip()
+        if request.AffectedSOPClassUID != STORAGE_COMMITMENT or event.event_type not in (1, 2):
+            log.warning("N-EVENT-REPORT from %s for something we never asked for", calling_aet)
+            return NO_SUCH_EVENT_TYPE, None
+        try:
+            info = event.event_information
+            transaction_uid = str(info.TransactionUID)
+            committed = [
+                str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])
+            ]
+            failed = {
+                str(item.ReferencedSOPInstanceUID): (
+                    f"{calling_aet} failed Storage Commitment with reason "
+                    f"0x{int(item.get('FailureReason', 0x0110)):04X}"
+                )
+                for item in info.get("FailedSOPSequence", [])
+            }
+            settled = self.index.record_commitment(transaction_uid, committed, failed, time.time())
+        except Exception:
+            log.exception("Storage Commitment report from %s not recorded", calling_aet)
+            return PROCESSING_FAILURE, None
+        log.info(
+            "Storage Commitment report from %s: %d committed, %d failed, %d outbox row(s) settled",
+            calling_aet,
+            len(committed),
+            len(failed),
+            settled,
+        )
+        return SUCCESS, None
 
     def handle_released(self, event: Event) -> None:
         """EVT_RELEASED: CR/DX studies sent on this association are complete now."""
@@ -288,6 +334,8 @@ def build_ae(listener: ListenerSettings) -> AE:
     for sop_class in ACCEPTED_STORAGE:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(VERIFICATION)
+    # Destinations send Storage Commitment reports here as the SCP of that SOP class.
+    ae.add_supported_context(STORAGE_COMMITMENT, scu_role=False, scp_role=True)
     return ae
 
 
@@ -295,6 +343,7 @@ def handlers(scp: StorageSCP) -> list[evt.EventHandlerType]:
     """The pynetdicom event bindings for a running listener."""
     return [
         (evt.EVT_C_STORE, scp.handle_store),
+        (evt.EVT_N_EVENT_REPORT, scp.handle_event_report),
         (evt.EVT_RELEASED, scp.handle_released),
         (evt.EVT_ABORTED, scp.handle_aborted),
     ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -18,6 +19,9 @@ from dicom_node.sop import VERIFICATION
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 EXPLICIT_VR_LE, IMPLICIT_VR_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+# Storage Commitment Push Model: the SOP class and its well-known instance (PS3.4 J.3.5).
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,11 @@ class StoreOutcome:
     status: int | None
     message: str
     refused: bool = False
-    # With confirmation asked for: did a C-FIND find the stored object? None: not checked.
+    # With confirmation asked for: did a C-FIND find the stored object (or did the destination
+    # take the Storage Commitment request)? None: not checked.
     confirmed: bool | None = None
+    # The Storage Commitment transaction whose report will settle this object; None: none asked.
+    commitment: str | None = None
 
     @property
     def stored(self) -> bool:
@@ -141,19 +148,34 @@ class StoreOutcome:
         )
 
 
+# Called with the transaction UID and the indexes (into the batch) of the objects about to be
+# named in a Storage Commitment request, before it is sent: the report may overtake the response.
+CommitmentHook = Callable[[str, Sequence[int]], None]
+
+
 def store_datasets(
-    remote: RemoteNode, datasets: Sequence[Dataset], *, confirm_by_find: bool = False
+    remote: RemoteNode,
+    datasets: Sequence[Dataset],
+    *,
+    confirm_by_find: bool = False,
+    commit: CommitmentHook | None = None,
 ) -> list[StoreOutcome]:
     """C-STORE the data sets on one association and report each answer, failures included.
 
     Raises :class:`DestinationUnavailable` only when no association could be made; an association
     that breaks mid-batch leaves the rest with ``status`` None (not refused: worth retrying).
     ``confirm_by_find``: then C-FIND each stored object on the same association.
+    ``commit``: then ask for Storage Commitment of the stored objects with one N-ACTION; their
+    outcomes carry the transaction UID (the report comes later, on another association). A
+    destination that accepts no Storage Commitment context is checked by C-FIND instead if it
+    accepts that, else its C-STORE status stands.
     """
     if not datasets:
         return []
     contexts = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
-    if confirm_by_find:
+    if commit is not None:
+        contexts += [(STORAGE_COMMITMENT, ts) for ts in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)]
+    if confirm_by_find or commit is not None:
         contexts += [(STUDY_ROOT_FIND, ts) for ts in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)]
     assoc = _request(remote, contexts)
     if not assoc.is_established:
@@ -178,7 +200,9 @@ def store_datasets(
                 continue
             status = int(response.Status)
             outcomes.append(StoreOutcome(status, f"{remote} answered status 0x{status:04X}"))
-        if confirm_by_find:
+        if commit is not None and _accepts(assoc, STORAGE_COMMITMENT):
+            outcomes = _request_commitment(assoc, remote, datasets, outcomes, commit)
+        elif confirm_by_find or (commit is not None and _accepts(assoc, STUDY_ROOT_FIND)):
             outcomes = [
                 _confirm(assoc, remote, ds, o) if o.stored else o
                 for ds, o in zip(datasets, outcomes, strict=True)
@@ -187,6 +211,51 @@ def store_datasets(
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _accepts(assoc: Association, sop_class: str) -> bool:
+    return any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts)
+
+
+def _request_commitment(
+    assoc: Association,
+    remote: RemoteNode,
+    datasets: Sequence[Dataset],
+    outcomes: list[StoreOutcome],
+    commit: CommitmentHook,
+) -> list[StoreOutcome]:
+    """One N-ACTION (Request Storage Commitment) naming every stored object of the batch."""
+    stored = [i for i, o in enumerate(outcomes) if o.stored]
+    if not stored or not assoc.is_established:
+        return outcomes
+    transaction_uid = str(generate_uid())
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    references = []
+    for i in stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = datasets[i].SOPClassUID
+        item.ReferencedSOPInstanceUID = datasets[i].SOPInstanceUID
+        references.append(item)
+    request.ReferencedSOPSequence = references
+    commit(transaction_uid, stored)
+    status_ds, _reply = assoc.send_n_action(
+        request, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+    )
+    status = int(status_ds.Status) if status_ds is not None and "Status" in status_ds else None
+    result = list(outcomes)
+    for i in stored:
+        if status == 0x0000:
+            result[i] = replace(outcomes[i], commitment=transaction_uid)
+        else:
+            answer = "no answer" if status is None else f"status 0x{status:04X}"
+            result[i] = replace(
+                outcomes[i],
+                confirmed=False,
+                message=f"{remote} stored the object but answered its Storage Commitment "
+                f"request with {answer}",
+            )
+    return result
 
 
 def _confirm(

@@ -171,7 +171,14 @@ class DestinationSettings(Strict):
     name: str = Field(min_length=1)
     # After a successful C-STORE, "find" asks the destination (C-FIND, study root, IMAGE level)
     # whether it really holds the object; a delivery counts only once it is found.
-    verify: Literal["none", "find"] = "none"
+    # "commitment" asks for Storage Commitment (N-ACTION, push model): the rows wait in
+    # "committing" until the destination's N-EVENT-REPORT reaches our listener on a new
+    # association, so the destination must know ``calling_ae_title`` as a modality with the
+    # listener's host and port. A destination that accepts no Storage Commitment context is
+    # checked by C-FIND instead when it answers C-FIND, else trusted on its C-STORE status.
+    verify: Literal["none", "find", "commitment"] = "none"
+    # No commitment report within this long: the rows are sent again (with the usual backoff).
+    commitment_timeout_s: float = Field(default=300.0, gt=0)
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)

@@ -203,6 +203,8 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
             nxt = _when(d["next_attempt_at"])
         elif d["status"] == DeliveryStatus.DELIVERED:
             nxt = f"delivered {_when(d['delivered_at'])}"
+        elif d["status"] == DeliveryStatus.COMMITTING:
+            nxt = f"commitment report due by {_when(d['next_attempt_at'])}"
         else:
             nxt = f"dead since {_when(d['dead_at'])}"
         print(
@@ -562,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(o)
     o.add_argument(
         "--state",
-        choices=["pending", "delivered", "dead"],
+        choices=["pending", "committing", "delivered", "dead"],
         default=None,
         help="only rows in this state (default: all)",
     )

@@ -11,6 +11,13 @@ decides each row's fate from the destination's answer:
 - anything else (destination down, out of resources): pending again after an exponential backoff
   with jitter, until the retry horizon (24 h by default) has passed; then dead.
 
+A destination with ``verify: commitment`` is also asked for Storage Commitment of what it stored
+(one N-ACTION per batch, on the same association). Those rows wait as ``committing`` until the
+destination's N-EVENT-REPORT reaches the listener (:meth:`dicom_node.scp.StorageSCP.handle_event_report`
+records it in the index): committed objects are delivered there; objects it failed, and any
+without a report within ``commitment_timeout_s``, are sent again by a later pass like any transient
+failure.
+
 Association failures also count against the destination's circuit breaker: after N in a row nobody
 tries it for a cool-down, then one sender probes it. ``pacs-ai outbox`` lists, revives and purges.
 """
@@ -87,6 +94,8 @@ class DispatchResult:
     delivered: int = 0
     retrying: int = 0
     dead: int = 0
+    # Stored and waiting for a Storage Commitment report.
+    committing: int = 0
     # Destinations passed over because their circuit is open (or another sender probes them).
     held_back: int = 0
 
@@ -109,6 +118,9 @@ class OutboxDispatcher:
         injected = now
         now = time.time() if now is None else now
         result = DispatchResult()
+        for row in self.index.overdue_commitments(now):
+            error = row.get("last_error") or "no Storage Commitment report in time"
+            self._failed(row, now, row.get("last_status"), error, result, DeliveryStatus.COMMITTING)
         by_destination: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in self.index.due_deliveries(now):
             by_destination[row["destination"]].append(row)
@@ -147,9 +159,20 @@ class OutboxDispatcher:
             self.index.release_destination_probe(dest.name)
             return
         remote = RemoteNode.from_destination(dest)
+
+        def await_report(transaction_uid: str, stored: Sequence[int]) -> None:
+            stamp = time.time() if injected is None else now
+            ids = [batch[i][0]["id"] for i in stored]
+            self.index.await_commitment(
+                ids, transaction_uid, stamp, stamp + dest.commitment_timeout_s
+            )
+
         try:
             outcomes = store_datasets(
-                remote, [ds for _, ds in batch], confirm_by_find=dest.verify == "find"
+                remote,
+                [ds for _, ds in batch],
+                confirm_by_find=dest.verify == "find",
+                commit=await_report if dest.verify == "commitment" else None,
             )
         except (DestinationUnavailable, OSError) as exc:
             stamp = time.time() if injected is None else now
@@ -188,6 +211,10 @@ class OutboxDispatcher:
     def _settle(
         self, row: dict[str, Any], now: float, outcome: StoreOutcome, result: DispatchResult
     ) -> bool:
+        if outcome.stored and outcome.commitment is not None:
+            # Written as committing before the request went out; the report settles it.
+            result.committing += 1
+            return False
         if outcome.stored and outcome.confirmed is False:
             # Stored by its own account but not there when asked: send it again later.
             self._failed(row, now, outcome.status, outcome.message, result)
@@ -211,6 +238,7 @@ class OutboxDispatcher:
         status: int | None,
         error: str,
         result: DispatchResult,
+        only_if: DeliveryStatus | None = None,
     ) -> None:
         """A transient failure: retry after the backoff, or give up past the horizon."""
         deadline = (row.get("revived_at") or row["created_at"]) + self.settings.retry_horizon_s
@@ -222,6 +250,7 @@ class OutboxDispatcher:
                 status,
                 f"gave up after {row['attempts'] + 1} attempts over {hours:g} h: {error}",
                 result,
+                only_if,
             )
             return
         delay = retry_delay(row["attempts"], self.settings.retry_max_delay_s)
@@ -232,6 +261,7 @@ class OutboxDispatcher:
             dimse_status=status,
             error=error,
             next_attempt_at=min(now + delay, deadline),
+            only_if=only_if,
         )
         result.retrying += 1
 
@@ -242,9 +272,15 @@ class OutboxDispatcher:
         status: int | None,
         error: str,
         result: DispatchResult,
+        only_if: DeliveryStatus | None = None,
     ) -> None:
         self.index.record_delivery_attempt(
-            row["id"], now, status=DeliveryStatus.DEAD, dimse_status=status, error=error
+            row["id"],
+            now,
+            status=DeliveryStatus.DEAD,
+            dimse_status=status,
+            error=error,
+            only_if=only_if,
         )
         result.dead += 1
         log.error(
