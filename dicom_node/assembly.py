@@ -19,10 +19,10 @@ open and routed again after its new completion time.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Protocol
 
+from dicom_node.background import BackgroundPass
 from dicom_node.index import Index, StudyRow
 from dicom_node.routing import read_study_headers, route_study
 from dicom_node.settings import CompletionSettings, QueueSettings, RoutingSettings
@@ -34,7 +34,7 @@ class JobSender(Protocol):
     def send(self, job_id: str, queue: str) -> None: ...
 
 
-class StudyAssembler:
+class StudyAssembler(BackgroundPass):
     """Completes due studies and publishes their jobs; wake it early with ``wake()``."""
 
     def __init__(
@@ -45,18 +45,13 @@ class StudyAssembler:
         queues: QueueSettings,
         routing: RoutingSettings | None = None,
     ) -> None:
+        super().__init__("study-assembler", completion.poll_interval_s)
         self.index = index
         self.sender = sender
         self.completion = completion
         self.queues = queues
         self.routing = routing if routing is not None else RoutingSettings()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._broker_down_since: float | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def run_once(self, now: float | None = None) -> int:
         """Complete due studies and publish pending jobs; return the number of jobs published."""
@@ -137,22 +132,3 @@ class StudyAssembler:
             self.index.mark_job_enqueued(job.job_id, time.time())
             published += 1
         return published
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("study assembly pass failed; retrying")
-            self._wake.wait(self.completion.poll_interval_s)
-            self._wake.clear()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="study-assembler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from pydicom.dataset import Dataset
 
+from dicom_node.background import BackgroundPass
 from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.index import Index
 from worker.ackserver import ack_url
@@ -170,18 +170,13 @@ def retry_delay(attempts: int, max_delay_s: float) -> float:
     return float(base * (0.8 + 0.4 * random.random()))
 
 
-class AlertDispatcher:
+class AlertDispatcher(BackgroundPass):
     """Sends due alert rows and escalates unacknowledged ones; safe to run in every worker."""
 
     def __init__(self, index: Index, settings: AlertSettings) -> None:
+        super().__init__("alert-dispatcher", settings.poll_interval_s)
         self.index = index
         self.settings = settings
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def run_once(self, now: float | None = None) -> tuple[int, int]:
         """One pass: escalate, then send what is due. Return (delivered, failed)."""
@@ -261,22 +256,3 @@ class AlertDispatcher:
                         channel,
                         alert_id,
                     )
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("alert dispatch pass failed; retrying")
-            self._wake.wait(self.settings.poll_interval_s)
-            self._wake.clear()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="alert-dispatcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.background import BackgroundPass
 from dicom_node.errors import DestinationUnavailable
 from dicom_node.index import DeliveryStatus, Index
 from dicom_node.scu import RemoteNode, StoreOutcome, store_datasets
@@ -100,18 +100,13 @@ class DispatchResult:
     held_back: int = 0
 
 
-class OutboxDispatcher:
+class OutboxDispatcher(BackgroundPass):
     """Sends due outbox rows, one association per destination and pass; safe in every worker."""
 
     def __init__(self, index: Index, settings: OutputSettings) -> None:
+        super().__init__("outbox-dispatcher", settings.poll_interval_s)
         self.index = index
         self.settings = settings
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def run_once(self, now: float | None = None) -> DispatchResult:
         """One pass over every destination with due rows. ``now`` injects the clock (tests)."""
@@ -299,22 +294,3 @@ class OutboxDispatcher:
             open_after=self.settings.circuit_failures,
             cooldown_s=self.settings.circuit_cooldown_s,
         )
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("outbox pass failed; retrying")
-            self._wake.wait(self.settings.poll_interval_s)
-            self._wake.clear()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="outbox-dispatcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
