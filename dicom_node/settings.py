@@ -188,6 +188,9 @@ class DestinationSettings(Strict):
     # Also send a Key Object Selection of the images behind present findings, for viewers that
     # show key images but do not render SR. Off by default: not every PACS wants extra objects.
     kos: bool = False
+    # Also send a Secondary Capture summary image with the findings burned in, for viewers and
+    # worklists that show neither SR nor key images. Off by default.
+    summary_image: bool = False
 
 
 # --- routing ------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from dicom_node.index import DeliveryStatus, Index
 from dicom_node.scu import RemoteNode, StoreOutcome, store_datasets
 from dicom_node.settings import DestinationSettings
 from worker.outputs.kos import KIND as KOS_KIND
+from worker.outputs.summary import KIND as SUMMARY_KIND
 from worker.settings import OutputSettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,12 @@ def retry_delay(attempts: int, max_delay_s: float) -> float:
 
 
 def wants(dest: DestinationSettings, kind: str) -> bool:
-    """Does this destination take outputs of this kind? Key Object Selections only on request."""
-    return kind != KOS_KIND or dest.kos
+    """Does this destination take outputs of this kind? KOS and summary images only on request."""
+    if kind == KOS_KIND:
+        return dest.kos
+    if kind == SUMMARY_KIND:
+        return dest.summary_image
+    return True
 
 
 def enqueue_outputs(

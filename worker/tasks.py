@@ -82,6 +82,7 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         previous=_previous_versions(ctx, job.study_instance_uid, classifier.card.name),
         key_images=any(d.kos for d in settings.outputs.destinations),
         on_findings=alert_now,
+        summary_image=any(d.summary_image for d in settings.outputs.destinations),
     )
     sr = result.sr
     sr_uid = str(sr.SOPInstanceUID)
@@ -106,6 +107,9 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         "sr_sop_instance_uid": sr_uid,
         "report_sop_instance_uid": str(result.report.SOPInstanceUID),
         "kos_sop_instance_uid": None if result.kos is None else str(result.kos.SOPInstanceUID),
+        "summary_sop_instance_uid": (
+            None if result.summary is None else str(result.summary.SOPInstanceUID)
+        ),
         # Output kind -> the SOP Instance UID this run's output amends (after a late image).
         "amends": dict(result.replaces),
         "accession_number": str(sr.get("AccessionNumber", "") or ""),

@@ -27,6 +27,7 @@ from worker.models.base import Classifier
 from worker.outputs import kos as key_objects
 from worker.outputs import report as report_sr
 from worker.outputs import sr as findings_sr
+from worker.outputs import summary as summary_sc
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class CxrResult:
     card: ModelCard
     # Key images for viewers that do not render SR; None unless asked for and a finding is present.
     kos: Dataset | None = None
+    # Secondary Capture with the findings burned in; None unless a destination asks for it.
+    summary: Dataset | None = None
     # Digest of the set of source images the outputs were made from.
     input_digest: str = ""
     # Output kind -> SOP Instance UID of the document the new one amends.
@@ -58,6 +61,8 @@ class CxrResult:
         made = [(findings_sr.KIND, self.sr), (report_sr.KIND, self.report)]
         if self.kos is not None:
             made.append((key_objects.KIND, self.kos))
+        if self.summary is not None:
+            made.append((summary_sc.KIND, self.summary))
         return made
 
 
@@ -139,6 +144,7 @@ def run(
     previous: PreviousVersion | None = None,
     key_images: bool = False,
     on_findings: FindingsReady | None = None,
+    summary_image: bool = False,
 ) -> CxrResult:
     """The whole chest X-ray triage pipeline for one study.
 
@@ -148,7 +154,8 @@ def run(
     before the remaining documents are built, so an urgent alert does not wait for them.
     """
     images = load_images(records)
-    decoded = decode_images(select_frontal(images))
+    frontal = select_frontal(images)
+    decoded = decode_images(frontal)
     scores = classify(classifier, decoded)
     merged = {**classifier.default_thresholds, **thresholds}
     card = classifier.card
@@ -188,7 +195,15 @@ def run(
         )
         # A KOS cannot name a predecessor; the lookup only records which one it replaces.
         amends(key_objects.KIND, str(kos.SOPInstanceUID))
+    summary = None
+    if summary_image:
+        # The frontal image with the study's most urgent evidence: the one behind the top finding.
+        best = max(range(len(decoded)), key=lambda i: max(scores[i].values()))
+        summary = summary_sc.build_summary_sc(
+            frontal[best], decoded[best], findings, card, sr, manufacturer=manufacturer
+        )
     return CxrResult(
+        summary=summary,
         findings=findings,
         sr=sr,
         report=report,
