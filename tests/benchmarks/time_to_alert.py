@@ -62,6 +62,60 @@ def _cache() -> Path:
     return Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "pacs-ai-bench-cache"
 
 
+def xrv_model(cache: Path, architecture: str) -> Path:
+    """A full-size torchxrayvision network with random weights, in its real folder format.
+
+    Random weights say nothing clinically; the pneumothorax operating point is set low so every
+    STAT study alerts and the benchmark measures the path, not the model's opinion.
+    """
+    import torch
+
+    from worker.models.torchxrayvision import DEFAULT_PATHOLOGIES, build_network
+
+    folder = cache / f"xrv-{architecture}"
+    if (folder / "pacs-ai.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = build_network(architecture, len(DEFAULT_PATHOLOGIES))  # type: ignore[arg-type]
+    torch.save(net.state_dict(), folder / "weights.pt")
+    config = {
+        "format": "torchxrayvision",
+        "name": f"random-{architecture}",
+        "version": "0.0.0",
+        "manufacturer": "pacs-ai-worker benchmark",
+        "demo": True,
+        "label": "DEMO / NOT FOR CLINICAL USE",
+        "architecture": architecture,
+        "weights": "weights.pt",
+        "findings": {
+            "Pneumothorax": "pneumothorax",
+            "Effusion": "pleural_effusion",
+            "Cardiomegaly": "cardiomegaly",
+        },
+        "default_thresholds": {"pneumothorax": 0.01, "pleural_effusion": 0.5, "cardiomegaly": 0.5},
+    }
+    (folder / "pacs-ai.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def send(paths: list[Path], port: int) -> str | None:
+    """C-STORE on one association with dcmtk storescu, or pynetdicom where dcmtk is not installed
+    (the GPU machine); return an error message or None."""
+    import shutil
+
+    if shutil.which("storescu"):
+        result = storescu(paths, host="127.0.0.1", port=port, called_aet="PACSAI")
+        return None if result.returncode == 0 else result.stderr
+    from dicom_node.scu import RemoteNode, send_files
+
+    try:
+        send_files(RemoteNode("PACSAI", "127.0.0.1", port, "STORESCU"), paths)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def demo_model(cache: Path) -> Path:
     """The demo model, trained once (deterministic) and kept in the benchmark cache."""
     from worker.demo.train import train_demo_model
@@ -155,10 +209,10 @@ def measure(
     samples = []
     for n, path in enumerate(files, start=1):
         study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-        result = storescu([path], host="127.0.0.1", port=stack.node.port, called_aet="PACSAI")
+        error = send([path], stack.node.port)
         sent_end = time.time()
-        if result.returncode != 0:
-            raise SystemExit(f"storescu failed: {result.stderr}")
+        if error is not None:
+            raise SystemExit(f"C-STORE failed: {error}")
         deadline = sent_end + 60
         arrived = None
         while arrived is None and time.time() < deadline:
@@ -216,13 +270,22 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="STAT image size in px (default 2048)")
     parser.add_argument("--broker", choices=("redis", "embedded"), default="redis")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--xrv",
+        choices=("densenet121-res224", "resnet50-res512"),
+        help="a full-size torchxrayvision network with random weights instead of the demo model",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="model device: auto, cpu, cuda (default auto)"
+    )
     args = parser.parse_args()
     studies = args.studies or (10 if args.quick else 50)
     backlog = args.backlog if args.backlog is not None else (50 if args.quick else 500)
     size = args.size or (512 if args.quick else 2048)
 
     cache = _cache()
-    model_dir = demo_model(cache)
+    model_dir = xrv_model(cache, args.xrv) if args.xrv else demo_model(cache)
+    print(f"model: {model_dir.name} on device {args.device}", flush=True)
     print("generating studies (cached) ...", flush=True)
     idle_files = stat_studies(cache / "tta", studies, size, "idle")
     backlog_files = stat_studies(cache / "tta", studies, size, "backlog")
@@ -242,6 +305,9 @@ def main() -> int:
         settings.storage.data_dir = Path(tmp) / "data"
         settings.queue.broker_url = url
         settings.models.cxr_triage.path = model_dir
+        settings.models.cxr_triage.device = args.device
+        if args.xrv:
+            settings.models.cxr_triage.adapter = "torchxrayvision"
         settings.alerts.webhook.url = sink.url
         config = Path(tmp) / "site.yaml"
         write_settings(settings, config)
@@ -264,11 +330,9 @@ def main() -> int:
             ]
             backlog_left = 0
             if backlog:
-                sent = storescu(
-                    routine, host="127.0.0.1", port=stack.node.port, called_aet="PACSAI"
-                )
-                if sent.returncode != 0:
-                    raise SystemExit(f"storescu failed: {sent.stderr}")
+                error = send(routine, stack.node.port)
+                if error is not None:
+                    raise SystemExit(f"C-STORE failed: {error}")
                 deadline = time.time() + 120
                 while time.time() < deadline:
                     queued = sum(
