@@ -22,12 +22,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from worker.findings import DEMO_LABEL, DecodedImage, ModelCard
 from worker.models.base import ModelLoadError
+from worker.models.common import ImagePreprocessing
+from worker.models.common import preprocess as common_preprocess
 
 FORMAT: Literal["pacs-ai-cnn"] = "pacs-ai-cnn"
 FORMAT_VERSION: Literal[1] = 1
@@ -124,26 +125,19 @@ def preprocess(
     preprocessing: Preprocessing,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """One [0, 1] frame (rows, cols) as a network input of shape (1, rows', cols')."""
-    image = torch.as_tensor(pixels, dtype=torch.float32, device=device)
-    if image.ndim != 2:
-        raise ValueError(f"expected one grey frame (rows, cols), got shape {tuple(image.shape)}")
-    image = image[None, None]
-    if preprocessing.keep_aspect:
-        rows, cols = image.shape[-2:]
-        side = max(rows, cols)
-        top, left = (side - rows) // 2, (side - cols) // 2
-        image = F.pad(image, (left, side - cols - left, top, side - rows - top), value=0.0)
-    size = preprocessing.input_size
-    if tuple(image.shape[-2:]) != size:
-        if preprocessing.resize in ("bilinear", "bicubic"):
-            image = F.interpolate(
-                image, size=size, mode=preprocessing.resize, align_corners=False, antialias=True
-            )
-        else:
-            image = F.interpolate(image, size=size, mode=preprocessing.resize)
-    low, high = preprocessing.value_range
-    return (image[0].clamp(0.0, 1.0) * (high - low) + low).contiguous()
+    """One [0, 1] frame (rows, cols) as a network input of shape (1, rows', cols').
+
+    The steps are the shared ones of every adapter (``worker.models.common.preprocess``); this
+    format only spells them in its own config keys.
+    """
+    shared = ImagePreprocessing(
+        input_size=preprocessing.input_size,
+        resize=preprocessing.resize,
+        fit="pad" if preprocessing.keep_aspect else "stretch",
+        value_range=preprocessing.value_range,
+        channels=1,
+    )
+    return common_preprocess(pixels, shared, device)
 
 
 def resolve_device(name: str) -> torch.device:
