@@ -297,10 +297,73 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_READ_ONLY = "pacs_ai_read_only"
+
+
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE takes the write lock up front: a transaction that reads then writes can never fail
     # with "database is locked" on the upgrade (busy_timeout does not retry that case), it waits.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read-only transaction (Index._read) needs no lock: WAL readers see the last commit.
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _RecordStatements:
+    """The statements of ``Index.record_instance``, built once per dialect (SQLite, PostgreSQL)."""
+
+    def __init__(self, dialect: str) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        greatest = sa.func.max if dialect == "sqlite" else sa.func.greatest
+        p = sa.bindparam
+        # RETURNING tells whether a row went in (rowcount is -1 with psycopg).
+        self.insert_instance = (
+            insert(instances)
+            .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+            .returning(instances.c.sop_instance_uid)
+        )
+        self.insert_study = (
+            insert(studies)
+            .values(
+                study_instance_uid=p("uid"),
+                status=StudyStatus.RECEIVING,
+                modality=p("modality"),
+                urgent=p("urgent"),
+                calling_aet=p("calling_aet"),
+                instance_count=1,
+                first_received_at=p("received_at"),
+                last_received_at=p("received_at"),
+                complete_after=p("complete_after"),
+                runs=0,
+            )
+            .on_conflict_do_nothing(index_elements=[studies.c.study_instance_uid])
+            .returning(studies.c.study_instance_uid)
+        )
+        self.update_study = (
+            studies.update()
+            .where(studies.c.study_instance_uid == p("uid"))
+            .values(
+                status=StudyStatus.RECEIVING,
+                urgent=sa.or_(studies.c.urgent, p("urgent")),
+                instance_count=studies.c.instance_count + 1,
+                last_received_at=p("received_at"),
+                # A study still receiving keeps its latest timer; a study that was waiting or
+                # finished starts a fresh one (not the wait deadline).
+                complete_after=sa.case(
+                    (
+                        studies.c.status == StudyStatus.RECEIVING,
+                        greatest(
+                            sa.func.coalesce(studies.c.complete_after, 0), p("complete_after")
+                        ),
+                    ),
+                    else_=p("complete_after"),
+                ),
+                reason=None,
+            )
+        )
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -346,6 +409,7 @@ class Index:
         self.url = url
         self.engine = create_engine(url)
         self._create_schema()
+        self._record = _RecordStatements(self.engine.dialect.name)
 
     def _create_schema(self, timeout_s: float = 60.0) -> None:
         # Processes starting together race to create the tables; the loser waits and re-checks.
@@ -369,81 +433,40 @@ class Index:
         with self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A transaction that only reads: on SQLite it takes no write lock (WAL readers don't)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{_READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
     # --- instances and studies -------------------------------------------------------------
 
     def record_instance(self, rec: InstanceRecord, *, urgent: bool, complete_after: float) -> bool:
         """Record a stored instance and its study; return False for an already known instance.
 
         An instance that arrives for a study that already finished reopens it, so a new run sees
-        the late image.
+        the late image. This runs once per received instance, so its statements are built once
+        (``_RecordStatements``) and it takes three statements at most.
         """
+        statements = self._record
         try:
             with self._tx() as conn:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(instances.insert().values(**rec.__dict__))
-                except IntegrityError:
-                    # Only a row that is really there makes this an idempotent duplicate; any
-                    # other constraint failure must not be acknowledged as stored.
-                    known = conn.execute(
-                        sa.select(instances.c.sop_instance_uid).where(
-                            instances.c.sop_instance_uid == rec.sop_instance_uid
-                        )
-                    ).first()
-                    if known is None:
-                        raise
+                # Only a row with the same SOP Instance UID makes this an idempotent duplicate;
+                # any other constraint failure raises and is not acknowledged as stored.
+                if conn.execute(statements.insert_instance, rec.__dict__).first() is None:
                     return False
-                existing = conn.execute(
-                    sa.select(studies.c.status, studies.c.urgent)
-                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
-                    .with_for_update()
-                ).first()
-                if existing is None:
-                    try:
-                        with conn.begin_nested():
-                            conn.execute(
-                                studies.insert().values(
-                                    study_instance_uid=rec.study_instance_uid,
-                                    status=StudyStatus.RECEIVING,
-                                    modality=rec.modality,
-                                    urgent=urgent,
-                                    calling_aet=rec.calling_aet,
-                                    instance_count=1,
-                                    first_received_at=rec.received_at,
-                                    last_received_at=rec.received_at,
-                                    complete_after=complete_after,
-                                    runs=0,
-                                )
-                            )
-                            return True
-                    except IntegrityError:
-                        pass  # another association created the study first: update it below
-                conn.execute(
-                    studies.update()
-                    .where(studies.c.study_instance_uid == rec.study_instance_uid)
-                    .values(
-                        status=StudyStatus.RECEIVING,
-                        urgent=sa.or_(studies.c.urgent, sa.literal(urgent)),
-                        instance_count=studies.c.instance_count + 1,
-                        last_received_at=rec.received_at,
-                        # A study still receiving keeps its latest timer; a study that was
-                        # waiting or finished starts a fresh one (not the wait deadline).
-                        complete_after=sa.case(
-                            (
-                                studies.c.status == StudyStatus.RECEIVING,
-                                sa.func.max(
-                                    sa.func.coalesce(studies.c.complete_after, 0), complete_after
-                                )
-                                if self.engine.dialect.name == "sqlite"
-                                else sa.func.greatest(
-                                    sa.func.coalesce(studies.c.complete_after, 0), complete_after
-                                ),
-                            ),
-                            else_=complete_after,
-                        ),
-                        reason=None,
-                    )
-                )
+                values = {
+                    "uid": rec.study_instance_uid,
+                    "modality": rec.modality,
+                    "urgent": urgent,
+                    "calling_aet": rec.calling_aet,
+                    "received_at": rec.received_at,
+                    "complete_after": complete_after,
+                }
+                if conn.execute(statements.insert_study, values).first() is None:
+                    conn.execute(statements.update_study, values)
                 return True
         except SQLAlchemyError as exc:
             raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
@@ -462,7 +485,7 @@ class Index:
 
     def due_studies(self, now: float) -> list[StudyRow]:
         """Studies whose completion time (or wait for required series) has come."""
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(studies)
                 .where(studies.c.status.in_(OPEN_STATUSES))
@@ -472,21 +495,21 @@ class Index:
         return [_study(r) for r in rows]
 
     def study(self, study_uid: str) -> StudyRow | None:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(studies).where(studies.c.study_instance_uid == study_uid)
             ).first()
         return _study(row) if row else None
 
     def list_studies(self, limit: int = 100) -> list[StudyRow]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
             ).all()
         return [_study(r) for r in rows]
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(instances)
                 .where(instances.c.study_instance_uid == study_uid)
@@ -495,7 +518,7 @@ class Index:
         return [InstanceRecord(**r._mapping) for r in rows]
 
     def instance(self, sop_uid: str) -> InstanceRecord | None:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(instances).where(instances.c.sop_instance_uid == sop_uid)
             ).first()

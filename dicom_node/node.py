@@ -29,6 +29,7 @@ from dicom_node.settings import (
     StorageSettings,
 )
 from dicom_node.spool import Spool
+from dicom_node.stream import streaming_request_handler
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,12 @@ class DicomNode:
         listener = self.config.listener
         if self.processes == 1:
             ae = build_ae(listener)
-            self._server = ae.start_server(
-                (listener.host, listener.port), block=False, evt_handlers=handlers(self.scp)
+            self._server = ae.make_server(
+                (listener.host, listener.port),
+                evt_handlers=handlers(self.scp),
+                request_handler=streaming_request_handler(self.spool),
             )
+            ae.serve_in_background(self._server)
         else:
             self._pool = ListenerPool(
                 self.config.to_json(),
@@ -150,7 +154,9 @@ class DicomNode:
             ae = build_ae(listener)
             ae.maximum_associations = per_process_limit(listener.max_associations, self.processes)
             events = [*handlers(self.scp), (evt.EVT_CONN_CLOSE, self._pool.local_closed)]
-            self._pool.set_local(make_handed_server(ae, (listener.host, listener.port), events))
+            self._pool.set_local(
+                make_handed_server(ae, (listener.host, listener.port), events, self.spool)
+            )
             self._pool.start()
         self.assembler.start()
         log.info(

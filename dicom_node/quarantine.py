@@ -137,9 +137,7 @@ def retry(scp: StorageSCP, entry: QuarantineRow) -> RetryOutcome:
         from dicom_node.scp import check_instance  # scp imports this module: import late
 
         header = check_instance(stream, ts, sop_class, str(meta.MediaStorageSOPInstanceUID))
-        scp.store_instance(
-            header, [raw[: len(raw) - len(stream)], stream], str(ts), entry.calling_aet
-        )
+        scp.store_instance(header, scp.spool.stage([raw]), str(ts), entry.calling_aet)
     except CorruptDataset as exc:
         return _keep(scp.index, entry, 0xC000, str(exc))
     except DatasetMismatch as exc:

@@ -22,11 +22,9 @@ from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
@@ -36,7 +34,8 @@ from dicom_node.scu import STORAGE_COMMITMENT
 from dicom_node.security import ListenerAE
 from dicom_node.settings import CompletionSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
-from dicom_node.spool import Spool, is_valid_uid
+from dicom_node.spool import Spool, StagedFile, is_valid_uid
+from dicom_node.stream import file_preamble
 from dicom_node.wire import check_complete
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,6 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_EVENT_TYPE = 0x0113
 
-_PIXEL_DATA_GROUP = 0x7FE0
-
-
-def _stop_at_pixels(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag.group >= _PIXEL_DATA_GROUP
-
 
 def _is_stat(header: Dataset) -> bool:
     """RequestedProcedurePriority STAT, at the top level or in the Request Attributes Sequence."""
@@ -64,7 +57,7 @@ def _is_stat(header: Dataset) -> bool:
 
 
 def check_instance(
-    stream: bytes, ts: UID, sop_class_uid: str | None, sop_instance_uid: str | None
+    stream: bytes | memoryview, ts: UID, sop_class_uid: str | None, sop_instance_uid: str | None
 ) -> Dataset:
     """The checks every received data set passes before it is kept; return its header.
 
@@ -73,14 +66,14 @@ def check_instance(
     Used by the listener and by ``pacs-ai quarantine retry``.
     """
     try:
-        has_pixels = check_complete(
+        layout = check_complete(
             stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
         )
+        # Only the header is copied and parsed; the walk above found where the pixels start.
         header = read_dataset(
-            BytesIO(stream),
+            BytesIO(bytes(memoryview(stream)[: layout.header_end])),
             ts.is_implicit_VR,
             ts.is_little_endian,
-            stop_when=_stop_at_pixels,
         )
         # Touch the values now so a malformed value fails here, not later in a worker.
         values = {
@@ -106,7 +99,7 @@ def check_instance(
         raise DatasetMismatch("SOP Class UID in the data set differs from the request")
     if values["SOPInstanceUID"] != sop_instance_uid:
         raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
-    if values["SOPClassUID"] in IMAGE_STORAGE and not has_pixels:
+    if values["SOPClassUID"] in IMAGE_STORAGE and not layout.has_pixels:
         raise DatasetMismatch("image SOP class without pixel data")
     return header
 
@@ -138,22 +131,25 @@ class StorageSCP:
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE: keep the instance durably, then answer."""
         calling_aet = event.assoc.requestor.ae_title.strip()
-        request = cast(C_STORE, event.request)
-        stream = cast(BytesIO, request.DataSet).getvalue()
-        # The file is exactly what the sender encoded, behind a standard preamble and meta header.
-        chunks = [b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), stream]
         sop_uid: str | None = None
         try:
-            header = self._parse(event, stream)
-            sop_uid = str(header.SOPInstanceUID)
-            return self._store(event, header, chunks, calling_aet)
-        except CorruptDataset as exc:
-            return self._reject(chunks, CANNOT_UNDERSTAND, str(exc), calling_aet, sop_uid)
-        except DatasetMismatch as exc:
-            return self._reject(chunks, DATASET_MISMATCH, str(exc), calling_aet, sop_uid)
+            staged = self._staged(event)
         except OutOfResources as exc:
             log.error("C-STORE from %s refused (0xA700): %s", calling_aet, exc)
             return OUT_OF_RESOURCES
+        try:
+            header = self._parse(event, staged)
+            sop_uid = str(header.SOPInstanceUID)
+            return self._store(event, header, staged, calling_aet)
+        except CorruptDataset as exc:
+            return self._reject(staged, CANNOT_UNDERSTAND, str(exc), calling_aet, sop_uid)
+        except DatasetMismatch as exc:
+            return self._reject(staged, DATASET_MISMATCH, str(exc), calling_aet, sop_uid)
+        except OutOfResources as exc:
+            log.error("C-STORE from %s refused (0xA700): %s", calling_aet, exc)
+            return OUT_OF_RESOURCES
+        finally:
+            staged.discard()  # whatever was not published
 
     def handle_event_report(self, event: Event) -> tuple[int, Dataset | None]:
         """EVT_N_EVENT_REPORT: a Storage Commitment report for rows the outbox keeps waiting.
@@ -217,19 +213,42 @@ class StorageSCP:
 
     # --- steps ---------------------------------------------------------------------------
 
-    def _parse(self, event: Event, stream: bytes) -> Dataset:
-        request = cast(C_STORE, event.request)
-        return check_instance(
-            stream,
-            event.context.transfer_syntax,
-            request.AffectedSOPClassUID,
-            request.AffectedSOPInstanceUID,
-        )
+    def _staged(self, event: Event) -> StagedFile:
+        """The received instance as a staged file in the spool.
 
-    def _store(self, event: Event, header: Dataset, chunks: list[bytes], calling_aet: str) -> int:
+        The streaming receiver (``dicom_node.stream``) has usually written it there already as
+        it arrived; otherwise pynetdicom holds the data set in memory and it is written now. The
+        file is exactly what the sender encoded, behind a standard preamble and file meta.
+        """
+        request = cast(C_STORE, event.request)
+        streamed = getattr(request, "_dataset_file", None)  # pynetdicom's data-set file
+        if isinstance(streamed, StagedFile):
+            return streamed
+        preamble = file_preamble(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+        )
+        staged = self.spool.stage([preamble, cast(BytesIO, request.DataSet).getvalue()])
+        staged.dataset_offset = len(preamble)
+        return staged
+
+    def _parse(self, event: Event, staged: StagedFile) -> Dataset:
+        if staged.error is not None:
+            raise OutOfResources(f"cannot store: {staged.error.strerror or staged.error}")
+        request = cast(C_STORE, event.request)
+        with staged.mapped() as whole:
+            return check_instance(
+                whole[staged.dataset_offset :],
+                event.context.transfer_syntax,
+                request.AffectedSOPClassUID,
+                request.AffectedSOPInstanceUID,
+            )
+
+    def _store(self, event: Event, header: Dataset, staged: StagedFile, calling_aet: str) -> int:
         study_uid, modality = self.store_instance(
             header,
-            chunks,
+            staged,
             str(event.context.transfer_syntax),
             calling_aet,
             called_aet=event.assoc.acceptor.ae_title.strip(),
@@ -240,15 +259,29 @@ class StorageSCP:
     def store_instance(
         self,
         header: Dataset,
-        chunks: list[bytes],
+        staged: StagedFile,
         transfer_syntax: str,
         calling_aet: str,
         called_aet: str | None = None,
     ) -> tuple[str, str]:
-        """Keep a checked instance on disk and in the index; return (study UID, modality).
+        """Keep a checked, staged instance in the spool and the index; return (study UID, modality).
 
-        Raises ``OutOfResources`` when it cannot be kept; then no new file is left behind.
+        Raises ``OutOfResources`` when it cannot be kept; then no new file is left behind. The
+        staged file is published or removed either way.
         """
+        try:
+            return self._keep(header, staged, transfer_syntax, calling_aet, called_aet)
+        finally:
+            staged.discard()
+
+    def _keep(
+        self,
+        header: Dataset,
+        staged: StagedFile,
+        transfer_syntax: str,
+        calling_aet: str,
+        called_aet: str | None,
+    ) -> tuple[str, str]:
         sop_uid = str(header.SOPInstanceUID)
         study_uid = str(header.StudyInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
@@ -274,7 +307,7 @@ class StorageSCP:
             transfer_syntax_uid=transfer_syntax,
             modality=modality,
             path=str(self.spool.path_for(study_uid, series_uid, sop_uid)),
-            size_bytes=sum(len(c) for c in chunks),
+            size_bytes=staged.size,
             calling_aet=calling_aet,
             received_at=now,
             called_aet=called_aet,
@@ -282,13 +315,13 @@ class StorageSCP:
         urgent, complete_after = _is_stat(header), now + fallback
         if known is not None:
             # Replace: the old file stays whole until the index row describes the new one.
-            with self.spool.replacing(study_uid, series_uid, sop_uid, chunks):
+            with self.spool.replacing(study_uid, series_uid, sop_uid, staged):
                 self.index.replace_instance(record, urgent=urgent, complete_after=complete_after)
             if known.path != record.path:
                 Path(known.path).unlink(missing_ok=True)
             log.info("replaced instance of study %s (%s, %s)", study_uid, modality, calling_aet)
             return study_uid, modality
-        path = self.spool.store(study_uid, series_uid, sop_uid, chunks)
+        path = self.spool.store(study_uid, series_uid, sop_uid, staged)
         try:
             self.index.record_instance(record, urgent=urgent, complete_after=complete_after)
         except OutOfResources:
@@ -303,11 +336,15 @@ class StorageSCP:
             self._touched.setdefault(id(event.assoc), {})[study_uid] = modality
 
     def _reject(
-        self, chunks: list[bytes], status: int, reason: str, calling_aet: str, sop_uid: str | None
+        self, staged: StagedFile, status: int, reason: str, calling_aet: str, sop_uid: str | None
     ) -> int:
         try:
             entry = self.quarantine.keep(
-                chunks, reason=reason, status_code=status, calling_aet=calling_aet, sop_uid=sop_uid
+                [staged.read_bytes()],
+                reason=reason,
+                status_code=status,
+                calling_aet=calling_aet,
+                sop_uid=sop_uid,
             )
         except Exception:
             # Could not even keep it aside: ask the sender to retry later rather than lose it.
@@ -319,7 +356,7 @@ class StorageSCP:
         return status
 
 
-def build_ae(listener: ListenerSettings) -> AE:
+def build_ae(listener: ListenerSettings) -> ListenerAE:
     """An application entity configured from the listener settings.
 
     Every server it starts checks the peer allow-list and uses the listener's TLS settings.

@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 from typing import Any, TypeVar, cast
 
 from pynetdicom import AE, evt
@@ -180,3 +181,11 @@ class ListenerAE(AE):
             server_class=server_class,
             **kwargs,
         )
+
+    def serve_in_background(self, server: ThreadedAssociationServer) -> None:
+        """Run a server from ``make_server`` on a daemon thread, as ``start_server`` would.
+
+        (``start_server`` takes no request handler; ``server.shutdown()`` stops it.)
+        """
+        threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
+        self._servers.append(server)

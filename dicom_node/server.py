@@ -35,7 +35,10 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.spool import Spool
+from dicom_node.stream import streaming_request_handler
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +58,6 @@ def default_processes() -> int:
 
 
 # --- association servers -----------------------------------------------------------------------
-
-
-class _BulkReadSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU in large ``recv_into`` calls instead of 4 KiB pieces.
-
-    A 10 MB image is about 2,500 reads and bytearray appends with the stock reader; this is the
-    largest single cost in the receive path, and it does not change what is read.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = self.socket
-        assert sock is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            n = sock.recv_into(view[read:], nr_bytes - read)
-            if n == 0:  # connection closed: return what came, as the stock reader does
-                del view
-                del buffer[read:]
-                return buffer
-            read += n
-        del view
-        return buffer
-
-
-class _BulkReadRequestHandler(RequestHandler):
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if type(sock) is AssociationSocket:
-            sock.__class__ = _BulkReadSocket
-        return assoc
 
 
 class HandedServer(ThreadedAssociationServer):
@@ -128,7 +98,7 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
     ae = build_ae(listener)
     ae.maximum_associations = max_associations
     events = [*handlers(scp), (evt.EVT_CONN_CLOSE, lambda _event: tell(DONE))]
-    server = make_handed_server(ae, (listener.host, listener.port), events)
+    server = make_handed_server(ae, (listener.host, listener.port), events, scp.spool)
     tell(READY)
     orderly = False
     while True:
@@ -154,14 +124,17 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
 
 
 def make_handed_server(
-    ae: Any, address: tuple[str, int], events: list[EventHandlerType]
+    ae: Any, address: tuple[str, int], events: list[EventHandlerType], spool: Spool
 ) -> HandedServer:
-    """A server for ``ae`` that runs the associations of connections given to ``serve``."""
+    """A server for ``ae`` that runs the associations of connections given to ``serve``.
+
+    C-STORE data sets are written into ``spool`` as they arrive (``dicom_node.stream``).
+    """
     server = ae.make_server(
         address,
         evt_handlers=events,
         server_class=HandedServer,
-        request_handler=_BulkReadRequestHandler,
+        request_handler=streaming_request_handler(spool),
     )
     assert isinstance(server, HandedServer)
     server.daemon_threads = True

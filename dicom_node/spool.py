@@ -1,27 +1,48 @@
 """Durable storage of received instances: write, fsync, rename into place, fsync the folder.
 
-A file in the spool is either complete or absent: the bytes go to a temporary name in the target
-folder first, so a crash at any point leaves at most a ``.partial`` file that is never indexed and
-is swept at start-up.
+A file in the spool is either complete or absent: the bytes go to a temporary ``.partial`` name
+first (a received instance to ``.incoming/`` while it arrives, see ``StagedFile``), so a crash at
+any point leaves at most a ``.partial`` file that is never indexed and is swept at start-up.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
 import re
 import shutil
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal
 
 from dicom_node.errors import OutOfResources
 
+log = logging.getLogger(__name__)
+
 # A DICOM UID: dot-separated numbers without leading zeros, at most 64 characters. Validated before a
 # UID becomes a path part so that no sender can write outside the spool.
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PARTIAL_SUFFIX = ".partial"
+INCOMING_DIR = ".incoming"
+# While an instance arrives, its bytes are flushed to the disk in the background every this many
+# bytes, so that the fsync before the answer has only the last piece left to wait for.
+FLUSH_STEP = 1 << 20
+_flush_pool: ThreadPoolExecutor | None = None
+_flush_pool_lock = threading.Lock()
+
+
+def _flusher() -> ThreadPoolExecutor:
+    """The process's threads for background flushes (made on first use, after any fork)."""
+    global _flush_pool
+    with _flush_pool_lock:
+        if _flush_pool is None:
+            _flush_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-flush")
+        return _flush_pool
 
 
 def is_valid_uid(value: str) -> bool:
@@ -83,6 +104,145 @@ def durable_write(target: Path, chunks: Sequence[bytes]) -> int:
     return sum(len(c) for c in chunks)
 
 
+class StagedFile:
+    """An instance being written under a ``.partial`` name until it is checked and published.
+
+    The listener writes a C-STORE data set here while its PDUs arrive (see ``dicom_node.stream``)
+    and flushes it to the disk in the background as it goes (``fdatasync`` on a pool thread each
+    ``FLUSH_STEP`` bytes, one at a time), so that the fsync before success waits for the last
+    megabyte rather than the whole image: on a virtual disk with a write-back cache the flush,
+    not the write, is what takes the time. It also has the small file-object surface pynetdicom's
+    DIMSE layer uses for a data set it keeps in a file (``write``, ``file.flush``, ``name``,
+    ``close``).
+
+    A write error (disk full, I/O error) does not raise: pynetdicom would abort the association,
+    and the sender must get 0xA700 instead. It is kept in ``error`` and raised by ``sync``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        self.size = 0
+        self.dataset_offset = 0  # where the data set starts, after the preamble and file meta
+        self.error: OSError | None = None
+        self.published = False
+        self._flushed = 0  # bytes covered by the last background flush
+        self._flush: Future[None] | None = None
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+
+    @property
+    def file(self) -> StagedFile:
+        return self
+
+    def flush(self) -> None:
+        pass  # every write goes straight to the kernel
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; always reports it written (a failure is kept for ``sync``)."""
+        length = len(data)
+        if self.error is not None or self._fd is None:
+            return length
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.error = exc
+            return length
+        self.size += length
+        if self.size - self._flushed >= FLUSH_STEP and self._flush_done():
+            self._flush = _flusher().submit(os.fdatasync, self._fd)
+            self._flushed = self.size
+        return length
+
+    def _flush_done(self) -> bool:
+        """True when no background flush is running; keeps the error of one that failed."""
+        flush = self._flush
+        if flush is None:
+            return True
+        if not flush.done():
+            return False
+        self._flush = None
+        error = flush.exception()
+        if isinstance(error, OSError) and self.error is None:
+            # An fsync error is reported once: the final fsync might not see it again.
+            self.error = error
+        return True
+
+    def _wait_flush(self) -> None:
+        if self._flush is not None:
+            with suppress(Exception):
+                self._flush.exception()  # waits
+            self._flush_done()
+
+    def write_all(self, chunks: Iterable[bytes]) -> StagedFile:
+        for chunk in chunks:
+            self.write(chunk)
+        return self
+
+    def sync(self) -> None:
+        """Make the bytes durable; raise ``OutOfResources`` if any could not be written."""
+        self._wait_flush()
+        if self.error is not None:
+            raise OutOfResources(f"cannot store: {self.error.strerror or self.error}")
+        if self._fd is None:
+            raise OutOfResources("cannot store: the file was closed before it was complete")
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutOfResources(f"cannot store: {exc.strerror or exc}") from exc
+
+    @contextmanager
+    def mapped(self) -> Iterator[memoryview]:
+        """The bytes written so far, mapped read-only (no copy)."""
+        if self._fd is None or self.size == 0:
+            yield memoryview(b"")
+            return
+        mapping = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            # A slice still referenced (by a traceback, say) keeps the mapping until it goes.
+            with suppress(BufferError):
+                view.release()
+                mapping.close()
+
+    def read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def close(self) -> None:
+        self._wait_flush()  # never close the descriptor under a running flush
+        if self._fd is not None:
+            with suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Close and remove the file unless it was published (nothing of it stays behind)."""
+        self.close()
+        if not self.published:
+            _remove(self.path)
+
+    def publish(self, target: Path) -> None:
+        """fsync, rename to ``target`` and fsync its folder; ``OutOfResources`` leaves nothing."""
+        try:
+            self.sync()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            self.discard()
+            raise OutOfResources(f"cannot store {target.name}: {exc.strerror or exc}") from exc
+        except OutOfResources:
+            self.discard()
+            raise
+        finally:
+            self.close()
+        self.path = target
+        self.published = True
+
+
 def disk_used_fraction(path: Path) -> float:
     """Fraction of the file system holding ``path`` that is in use (as ``df`` counts it)."""
     usage = shutil.disk_usage(path)
@@ -102,7 +262,8 @@ class Spool:
         self.max_disk_used_fraction = max_disk_used_fraction
         # What the listener does with a SOP Instance UID it already holds (storage.on_duplicate).
         self.on_duplicate = on_duplicate
-        root.mkdir(parents=True, exist_ok=True)
+        self.incoming = root / INCOMING_DIR
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
@@ -118,31 +279,56 @@ class Spool:
                 f"disk {used:.1%} full, above the {self.max_disk_used_fraction:.0%} watermark"
             )
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, chunks: Sequence[bytes]) -> Path:
-        """Store one instance durably and return its path."""
-        self.check_space()
-        target = self.path_for(study_uid, series_uid, sop_uid)
-        durable_write(target, chunks)
+    def stage(self, chunks: Iterable[bytes] = ()) -> StagedFile:
+        """A new ``StagedFile`` under ``.incoming/``, holding ``chunks``.
+
+        Raises ``OutOfResources`` when not even an empty file can be made there.
+        """
+        path = self.incoming / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        try:
+            try:
+                staged = StagedFile(path)
+            except FileNotFoundError:  # the folder went (an admin cleaned up): make it again
+                self.incoming.mkdir(parents=True, exist_ok=True)
+                staged = StagedFile(path)
+        except OSError as exc:
+            raise OutOfResources(f"cannot store: {exc.strerror or exc}") from exc
+        return staged.write_all(chunks)
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, staged: StagedFile) -> Path:
+        """Publish a staged instance at its place in the spool and return the path."""
+        try:
+            self.check_space()
+            target = self.path_for(study_uid, series_uid, sop_uid)
+        except BaseException:
+            staged.discard()
+            raise
+        staged.publish(target)
         return target
 
     @contextmanager
     def replacing(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Sequence[bytes]
+        self, study_uid: str, series_uid: str, sop_uid: str, staged: StagedFile
     ) -> Iterator[Path]:
-        """Stage a new version of an instance; it replaces the file only if the block succeeds.
+        """Publish a new version of an instance only if the block succeeds.
 
-        The new bytes are fsynced under a temporary name first, so while the block records the
-        change (in the index) the old file stays whole, and a failing block leaves it untouched.
+        The new bytes are fsynced under their staging name first, so while the block records
+        the change (in the index) the old file stays whole, and a failing block leaves it
+        untouched.
         """
-        self.check_space()
-        target = self.path_for(study_uid, series_uid, sop_uid)
-        tmp = _write_temp(target, chunks)
+        try:
+            self.check_space()
+            target = self.path_for(study_uid, series_uid, sop_uid)
+            staged.sync()
+        except BaseException:
+            staged.discard()
+            raise
         try:
             yield target
         except BaseException:
-            _remove(tmp)
+            staged.discard()
             raise
-        _publish(tmp, target)
+        staged.publish(target)
 
     def sweep_partials(self) -> int:
         """Remove temporary files left by a crash mid-write; return how many."""

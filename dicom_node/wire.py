@@ -8,6 +8,7 @@ close. Nothing is decoded and nothing is copied.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from functools import cache
 
 from pydicom.datadict import dictionary_VR
@@ -29,6 +30,7 @@ _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 # Pixel Data, Float Pixel Data, Double Float Pixel Data.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_PIXEL_GROUP = 0x7FE0
 
 
 def _tag(data: memoryview, pos: int, little: bool) -> int:
@@ -99,7 +101,7 @@ def _walk_elements(
     little: bool,
     depth: int,
     in_item: bool,
-    seen: set[int] | None = None,
+    top: _TopLevel | None = None,
 ) -> int:
     if depth > 32:
         raise CorruptDataset("sequences nested deeper than 32 levels")
@@ -113,8 +115,11 @@ def _walk_elements(
         if tag <= previous:
             raise CorruptDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order")
         previous = tag
-        if seen is not None and tag in _PIXEL_TAGS:
-            seen.add(tag)
+        if top is not None:
+            if tag in _PIXEL_TAGS:
+                top.pixel_tags.add(tag)
+            if top.header_end is None and tag >> 16 >= _PIXEL_GROUP:
+                top.header_end = pos
         if implicit:
             vr = b""
             length = _u32(data, pos + 4, little)
@@ -153,19 +158,31 @@ def _walk_elements(
     return pos
 
 
+@dataclass
+class _TopLevel:
+    pixel_tags: set[int] = field(default_factory=set)
+    header_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the walk learned of a structurally whole data set."""
+
+    has_pixels: bool  # pixel data at the top level
+    header_end: int  # where the pixel data group (7FE0) starts, or the end: the header is before
+
+
 def check_complete(
     dataset_bytes: bytes | memoryview, *, implicit_vr: bool, little_endian: bool
-) -> bool:
-    """Raise ``CorruptDataset`` unless the encoded data set (no file meta) is structurally whole.
-
-    Returns True when the data set carries pixel data at its top level.
-    """
+) -> Layout:
+    """Raise ``CorruptDataset`` unless the encoded data set (no file meta) is structurally whole."""
     data = memoryview(dataset_bytes)
     if len(data) == 0:
         raise CorruptDataset("empty data set")
-    seen: set[int] = set()
+    top = _TopLevel()
     try:
-        _walk_elements(data, 0, len(data), implicit_vr, little_endian, 0, in_item=False, seen=seen)
+        _walk_elements(data, 0, len(data), implicit_vr, little_endian, 0, in_item=False, top=top)
     except struct.error as exc:
         raise CorruptDataset(f"data set truncated: {exc}") from exc
-    return bool(seen)
+    end = len(data) if top.header_end is None else top.header_end
+    return Layout(has_pixels=bool(top.pixel_tags), header_end=end)

@@ -1,0 +1,151 @@
+"""Data sets written into the spool as they arrive: byte for byte what the sender encoded; a sender
+that dies mid-image or a disk that fails mid-image leaves nothing behind, and the sender of a
+failed write gets 0xA700."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+
+from dicom_node.node import DicomNode
+from tests.dicom_node.helpers import c_echo, dataset_bytes, send_raw, small_study
+from tests.servers import free_port, storescu
+
+OUT_OF_RESOURCES = 0xA700
+
+
+def _leftovers(node_data: Path) -> list[Path]:
+    return [p for p in (node_data / "spool" / ".incoming").glob("*") if p.is_file()]
+
+
+def _wait(condition: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_large_image_is_stored_byte_for_byte_as_sent(node: DicomNode, tmp_path: Path) -> None:
+    # 1600x1600, 16 bit: about 5 MB, so forty-odd PDUs at the listener's 128 KiB maximum.
+    [image] = small_study(tmp_path / "in", size=1600)
+    result = storescu([image], host="127.0.0.1", port=node.port, called_aet="PACSAI")
+    assert result.returncode == 0, result.stderr
+
+    record = node.index.instance(
+        str(pydicom.dcmread(image, stop_before_pixels=True).SOPInstanceUID)
+    )
+    assert record is not None
+    stored = Path(record.path).read_bytes()
+    assert dataset_bytes(stored) == dataset_bytes(image.read_bytes())
+    assert record.size_bytes == len(stored)
+    meta = pydicom.dcmread(record.path, stop_before_pixels=True).file_meta
+    assert (
+        meta.TransferSyntaxUID
+        == pydicom.dcmread(image, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    )
+    assert _leftovers(node.config.storage.data_dir) == []
+
+
+def test_sender_that_dies_mid_image_leaves_nothing_and_the_listener_keeps_serving(
+    node: DicomNode, tmp_path: Path
+) -> None:
+    [image] = small_study(tmp_path / "in", size=1600)
+    ds = pydicom.dcmread(image)
+    ae = AE(ae_title="HALFSCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(dataset_bytes(image.read_bytes()))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdus = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
+    # The command and the first part of the data set, never the rest: the sender then dies.
+    sock = assoc.dul.socket.socket
+    assert sock is not None
+    for pdu in pdus[: len(pdus) // 2]:
+        sock.sendall(pdu)
+    data_dir = node.config.storage.data_dir
+    assert _wait(lambda: any(p.stat().st_size > 1_000_000 for p in _leftovers(data_dir))), (
+        "the data set was not being written into the spool as it arrived"
+    )
+    assoc.abort()
+
+    assert _wait(lambda: _leftovers(data_dir) == []), "a cut-off data set stayed in the spool"
+    assert node.index.instance(str(ds.SOPInstanceUID)) is None
+    assert c_echo(node.port) == 0x0000
+    assert send_raw(image, node.port, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) == 0x0000
+    assert node.index.instance(str(ds.SOPInstanceUID)) is not None
+
+
+def _limit_file_size() -> None:
+    # Files may not grow past 2 MB in this process: a disk that fails in the middle of an image.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+
+
+def test_write_failing_mid_image_answers_0xA700_and_leaves_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from worker.settings import Settings, write_settings
+
+    port = free_port()
+    settings = Settings()
+    settings.listener.port = port
+    settings.storage.data_dir = tmp_path / "data"
+    settings.queue.broker_url = redis_url
+    config = tmp_path / "site.yaml"
+    write_settings(settings, config)
+    [big] = small_study(tmp_path / "big", size=1600)
+    [small] = small_study(tmp_path / "small", seed=2)
+    log = tmp_path / "node.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "node", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+            preexec_fn=_limit_file_size,
+        )
+    try:
+        assert _wait(lambda: _answers(port), timeout=60), log.read_text()
+        for image, expected in ((big, OUT_OF_RESOURCES), (small, 0x0000)):
+            ds = pydicom.dcmread(image, stop_before_pixels=True)
+            status = send_raw(image, port, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            assert status == expected, log.read_text()
+        assert _leftovers(settings.storage.data_dir) == []
+        stored = [p.name for p in (settings.storage.data_dir / "spool").rglob("*.dcm")]
+        small_uid = str(pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID)
+        assert stored == [f"{small_uid}.dcm"], "only the instance that got success is kept"
+        assert "File too large" in log.read_text(), "the operator is not told why"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return c_echo(port) == 0x0000
+    except AssertionError:
+        return False
