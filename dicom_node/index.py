@@ -310,6 +310,20 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+@contextmanager
+def _fresh_after_error(conn: Connection) -> Iterator[None]:
+    """Replace the pooled connection after a failed statement.
+
+    A SQLite connection whose statement failed inside a trigger can go on failing after the
+    cause is gone (seen with a trigger dropped by another connection): the next try gets a new one.
+    """
+    try:
+        yield
+    except SQLAlchemyError:
+        conn.invalidate()
+        raise
+
+
 class _RecordStatements:
     """The statements of ``Index.record_instance``, built once per dialect (SQLite, PostgreSQL)."""
 
@@ -452,7 +466,7 @@ class Index:
         """
         statements = self._record
         try:
-            with self._tx() as conn:
+            with self._tx() as conn, _fresh_after_error(conn):
                 # Only a row with the same SOP Instance UID makes this an idempotent duplicate;
                 # any other constraint failure raises and is not acknowledged as stored.
                 if conn.execute(statements.insert_instance, rec.__dict__).first() is None:

@@ -286,13 +286,13 @@ class StorageSCP:
         study_uid = str(header.StudyInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
         modality = str(header.get("Modality", "") or "OT").strip().upper()
-        try:
-            known = self.index.instance(sop_uid)
-        except Exception as exc:
-            raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+        target = self.spool.path_for(study_uid, series_uid, sop_uid)
         # Idempotent: a sender retrying after a lost response must not create a duplicate. A
         # known instance whose file has gone is stored again rather than acknowledged unkept.
-        if known is not None and self.spool.on_duplicate == "keep" and Path(known.path).is_file():
+        # The index is asked first only when the file is there already; otherwise the insert
+        # below says whether the instance was known (under another study or series, say).
+        known = self._known(sop_uid) if target.exists() else None
+        if known is not None and self._keeps(known):
             return study_uid, modality
         now = time.time()
         fallback = self.completion.quiet_period_s
@@ -306,7 +306,7 @@ class StorageSCP:
             sop_class_uid=str(header.SOPClassUID),
             transfer_syntax_uid=transfer_syntax,
             modality=modality,
-            path=str(self.spool.path_for(study_uid, series_uid, sop_uid)),
+            path=str(target),
             size_bytes=staged.size,
             calling_aet=calling_aet,
             received_at=now,
@@ -317,19 +317,48 @@ class StorageSCP:
             # Replace: the old file stays whole until the index row describes the new one.
             with self.spool.replacing(study_uid, series_uid, sop_uid, staged):
                 self.index.replace_instance(record, urgent=urgent, complete_after=complete_after)
-            if known.path != record.path:
-                Path(known.path).unlink(missing_ok=True)
-            log.info("replaced instance of study %s (%s, %s)", study_uid, modality, calling_aet)
+            self._replaced(known, record)
             return study_uid, modality
-        path = self.spool.store(study_uid, series_uid, sop_uid, staged)
+        self.spool.store(study_uid, series_uid, sop_uid, staged)
         try:
-            self.index.record_instance(record, urgent=urgent, complete_after=complete_after)
+            fresh = self.index.record_instance(record, urgent=urgent, complete_after=complete_after)
+            if not fresh:
+                # Known already: kept under another path (the copy there stays the one), or
+                # its file had gone (the row must now describe the new file).
+                known = self._known(sop_uid)
+                if known is not None and known.path != record.path and self._keeps(known):
+                    target.unlink(missing_ok=True)
+                    return study_uid, modality
+                self.index.replace_instance(record, urgent=urgent, complete_after=complete_after)
         except OutOfResources:
             # The sender gets 0xA700 and retries: no unindexed file may stay behind.
-            path.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
             raise
-        log.info("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
+        if known is not None:
+            self._replaced(known, record)
+        else:
+            log.info("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
         return study_uid, modality
+
+    def _known(self, sop_uid: str) -> InstanceRecord | None:
+        try:
+            return self.index.instance(sop_uid)
+        except Exception as exc:
+            raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+
+    def _keeps(self, known: InstanceRecord) -> bool:
+        """True when a known instance stays as it is (``on_duplicate: keep`` and its file is there)."""
+        return self.spool.on_duplicate == "keep" and Path(known.path).is_file()
+
+    def _replaced(self, known: InstanceRecord, record: InstanceRecord) -> None:
+        if known.path != record.path:
+            Path(known.path).unlink(missing_ok=True)
+        log.info(
+            "replaced instance of study %s (%s, %s)",
+            record.study_instance_uid,
+            record.modality,
+            record.calling_aet,
+        )
 
     def _touch(self, event: Event, study_uid: str, modality: str) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.spool import disk_used_fraction
@@ -207,3 +208,44 @@ def test_known_instance_whose_file_is_gone_is_stored_again(
     Path(record.path).unlink()
     assert _send(node, image) == 0x0000
     assert pydicom.dcmread(record.path).SOPInstanceUID == record.sop_instance_uid
+
+
+def test_known_instance_sent_again_under_another_series_is_kept_where_it_was(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    [image] = small_study(tmp_path / "in")
+    node = start_node()
+    assert _send(node, image) == 0x0000
+    record = node.index.instance(_sop(image))
+    assert record is not None
+    moved = tmp_path / "moved.dcm"
+    ds = pydicom.dcmread(image)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(moved, enforce_file_format=True)
+
+    assert _send(node, moved) == 0x0000
+    again = node.index.instance(_sop(image))
+    assert again == record, "the index row still describes the first copy"
+    assert _files_under(node.spool.root) == [Path(record.path)], "no second copy is left"
+
+
+def test_known_instance_sent_again_under_another_series_moves_when_replace_is_configured(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    [image] = small_study(tmp_path / "in")
+
+    def replace(config: NodeConfig) -> None:
+        config.storage.on_duplicate = "replace"
+
+    node = start_node(replace)
+    assert _send(node, image) == 0x0000
+    moved = tmp_path / "moved.dcm"
+    ds = pydicom.dcmread(image)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(moved, enforce_file_format=True)
+
+    assert _send(node, moved) == 0x0000
+    record = node.index.instance(_sop(image))
+    assert record is not None and record.series_instance_uid == ds.SeriesInstanceUID
+    assert _files_under(node.spool.root) == [Path(record.path)], "the old copy is removed"
+    assert pydicom.dcmread(record.path).SeriesInstanceUID == ds.SeriesInstanceUID
