@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -324,22 +324,48 @@ def _fresh_after_error(conn: Connection) -> Iterator[None]:
         raise
 
 
+class _DriverStatement:
+    """A statement compiled once to the driver's SQL, run without SQLAlchemy's per-call work."""
+
+    def __init__(self, statement: sa.ClauseElement, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        # Plain values for the driver (psycopg would write an Enum by its name, not its value).
+        self.defaults = {
+            name: value.value if isinstance(value, Enum) else value
+            for name, value in compiled.params.items()
+        }
+        self.order: list[str] | None = getattr(compiled, "positiontup", None)
+
+    def run(self, conn: Connection, values: Mapping[str, Any]) -> sa.CursorResult[Any]:
+        merged = {**self.defaults, **values}
+        if self.order is not None:
+            return conn.exec_driver_sql(self.sql, tuple(merged[name] for name in self.order))
+        return conn.exec_driver_sql(self.sql, merged)
+
+
 class _RecordStatements:
     """The statements of ``Index.record_instance``, built once per dialect (SQLite, PostgreSQL)."""
 
-    def __init__(self, dialect: str) -> None:
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self.insert_instance, self.insert_study, self.update_study = (
+            _DriverStatement(statement, dialect) for statement in self._build(dialect.name)
+        )
+
+    @staticmethod
+    def _build(dialect: str) -> tuple[sa.ClauseElement, sa.ClauseElement, sa.ClauseElement]:
         from sqlalchemy.dialects import postgresql, sqlite
 
         insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
         greatest = sa.func.max if dialect == "sqlite" else sa.func.greatest
         p = sa.bindparam
         # RETURNING tells whether a row went in (rowcount is -1 with psycopg).
-        self.insert_instance = (
+        insert_instance = (
             insert(instances)
             .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
             .returning(instances.c.sop_instance_uid)
         )
-        self.insert_study = (
+        insert_study = (
             insert(studies)
             .values(
                 study_instance_uid=p("uid"),
@@ -356,7 +382,7 @@ class _RecordStatements:
             .on_conflict_do_nothing(index_elements=[studies.c.study_instance_uid])
             .returning(studies.c.study_instance_uid)
         )
-        self.update_study = (
+        update_study = (
             studies.update()
             .where(studies.c.study_instance_uid == p("uid"))
             .values(
@@ -378,6 +404,7 @@ class _RecordStatements:
                 reason=None,
             )
         )
+        return insert_instance, insert_study, update_study
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -423,7 +450,7 @@ class Index:
         self.url = url
         self.engine = create_engine(url)
         self._create_schema()
-        self._record = _RecordStatements(self.engine.dialect.name)
+        self._record = _RecordStatements(self.engine.dialect)
 
     def _create_schema(self, timeout_s: float = 60.0) -> None:
         # Processes starting together race to create the tables; the loser waits and re-checks.
@@ -469,7 +496,7 @@ class Index:
             with self._tx() as conn, _fresh_after_error(conn):
                 # Only a row with the same SOP Instance UID makes this an idempotent duplicate;
                 # any other constraint failure raises and is not acknowledged as stored.
-                if conn.execute(statements.insert_instance, rec.__dict__).first() is None:
+                if statements.insert_instance.run(conn, rec.__dict__).first() is None:
                     return False
                 values = {
                     "uid": rec.study_instance_uid,
@@ -479,8 +506,8 @@ class Index:
                     "received_at": rec.received_at,
                     "complete_after": complete_after,
                 }
-                if conn.execute(statements.insert_study, values).first() is None:
-                    conn.execute(statements.update_study, values)
+                if statements.insert_study.run(conn, values).first() is None:
+                    statements.update_study.run(conn, values)
                 return True
         except SQLAlchemyError as exc:
             raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, cast
 
-from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -58,14 +57,35 @@ class _Streamed:
     last: bool  # the data set's last fragment was in it
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    encoded = value.encode("ascii", "replace")
+    return encoded + pad if len(encoded) % 2 else encoded
+
+
 def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and file meta that make a received data set a DICOM file."""
-    meta = create_file_meta(
-        sop_class_uid=UID(sop_class_uid),
-        sop_instance_uid=UID(sop_instance_uid),
-        transfer_syntax=UID(transfer_syntax),
+    """Preamble, ``DICM`` and file meta that make a received data set a DICOM file.
+
+    The same elements as pynetdicom's ``create_file_meta`` (its implementation UID and version),
+    encoded here directly: pydicom's encoder costs about as much as the rest of a small C-STORE.
+    """
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+            _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+            _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
+            _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
     )
-    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\x00" * 128 + b"DICM" + length + elements
 
 
 class BulkReadSocket(AssociationSocket):

@@ -149,3 +149,22 @@ def _answers(port: int) -> bool:
         return c_echo(port) == 0x0000
     except AssertionError:
         return False
+
+
+def test_file_meta_written_for_a_streamed_data_set_is_what_pynetdicom_would_write() -> None:
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_node.stream import file_preamble
+
+    for sop_class, sop_instance, syntax in (
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1"),  # odd lengths
+        ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4", "1.2.840.10008.1.2"),  # even lengths
+    ):
+        meta = create_file_meta(
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(syntax),
+        )
+        expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+        assert file_preamble(sop_class, sop_instance, syntax) == expected
