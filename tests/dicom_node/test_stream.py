@@ -168,3 +168,26 @@ def test_file_meta_written_for_a_streamed_data_set_is_what_pynetdicom_would_writ
         )
         expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
         assert file_preamble(sop_class, sop_instance, syntax) == expected
+
+
+def test_c_store_response_written_directly_is_what_pynetdicom_would_send() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    from dicom_node.stream import store_response_command
+
+    for message_id, sop_class, sop_instance, status in (
+        (1, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", 0x0000),
+        (65535, "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4", OUT_OF_RESOURCES),
+    ):
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = message_id
+        response.AffectedSOPClassUID = sop_class
+        response.AffectedSOPInstanceUID = sop_instance
+        response.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        [pdata] = list(message.encode_msg(1, 16384))
+        [(_context_id, fragment)] = pdata.presentation_data_value_list
+        assert fragment == b"\x03" + store_response_command(
+            message_id, sop_class, sop_instance, status
+        )
