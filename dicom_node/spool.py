@@ -58,6 +58,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(folder: Path) -> None:
+    """Create ``folder`` and missing parents, each made durable in its parent."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        with suppress(FileExistsError):  # another association made it first
+            made.mkdir()
+        _fsync_dir(made.parent)
+
+
 def _remove(path: Path) -> None:
     # Cleanup after a failed write must not hide the failure (the folder may be gone or a file).
     with suppress(OSError):
@@ -228,8 +240,11 @@ class StagedFile:
         """fsync, rename to ``target`` and fsync its folder; ``OutOfResources`` leaves nothing."""
         try:
             self.sync()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path, target)
+            try:
+                os.replace(self.path, target)
+            except FileNotFoundError:  # the first instance of its series: make the folders
+                _make_dirs(target.parent)
+                os.replace(self.path, target)
             _fsync_dir(target.parent)
         except OSError as exc:
             self.discard()
