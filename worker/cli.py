@@ -6,9 +6,14 @@ import argparse
 import datetime as dt
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from dicom_node.settings import DestinationTLSSettings
 
 DESCRIPTION = """\
 pacs-ai-worker: a clinical AI node beside your PACS.
@@ -83,13 +88,42 @@ def _local_listener(settings: Settings) -> str:
     return f"{settings.listener.ae_title}@{host}:{settings.listener.port}"
 
 
+def _tls(args: argparse.Namespace) -> DestinationTLSSettings | None:
+    """DICOM TLS for echo/send from ``--tls``, ``--ca``, ``--cert``/``--key``, ``--no-check-hostname``."""
+    from dicom_node.settings import DestinationTLSSettings
+
+    if not (args.tls or args.ca or args.cert or args.key):
+        return None
+    return DestinationTLSSettings(
+        enabled=True,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
+        check_hostname=args.check_hostname,
+    )
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DICOM TLS (any of these turns it on)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system trust store)")
+    g.add_argument("--ca", type=Path, metavar="PEM", help="CA certificates to verify the node")
+    g.add_argument("--cert", type=Path, metavar="PEM", help="our client certificate (mutual TLS)")
+    g.add_argument("--key", type=Path, metavar="PEM", help="the key of --cert")
+    g.add_argument(
+        "--no-check-hostname",
+        dest="check_hostname",
+        action="store_false",
+        help="accept a certificate that names neither the host nor its address",
+    )
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.errors import DestinationUnavailable
     from dicom_node.scu import RemoteNode, echo
 
     settings = _settings(args)
     address = args.address or _local_listener(settings)
-    remote = RemoteNode.parse(address, args.aet)
+    remote = replace(RemoteNode.parse(address, args.aet), tls=_tls(args))
     try:
         status = echo(remote)
     except DestinationUnavailable as exc:
@@ -109,7 +143,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not files:
         print("nothing to send", file=sys.stderr)
         return 2
-    remote = RemoteNode.parse(args.to, args.aet)
+    remote = replace(RemoteNode.parse(args.to, args.aet), tls=_tls(args))
     try:
         statuses = send_files(remote, files)
     except (DestinationUnavailable, DestinationRejected) as exc:
@@ -520,12 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         "address", nargs="?", default=None, help="AE@HOST:PORT (default: the configured listener)"
     )
     p.add_argument("--aet", default="PACSAI", help="our calling AE title (default PACSAI)")
+    _add_tls(p)
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("send", help="C-STORE DICOM files or folders to a node")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
     p.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the receiving node")
     p.add_argument("--aet", default="PACSAI", help="our calling AE title (default PACSAI)")
+    _add_tls(p)
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("studies", help="list recent studies and their status from the index")

@@ -261,3 +261,21 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
                                   str(node.port)])  # fmt: skip
     assert result.returncode != 0
     assert echo(_remote(node.port, _client_tls(pki, pki.client))) == 0x0000
+
+
+def test_echo_and_send_commands_speak_mutual_tls(
+    start_node: StartNode, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main
+
+    node = start_node(_tls_listener(pki, mutual=True))
+    address = f"PACSAI@127.0.0.1:{node.port}"
+    identity = ["--ca", str(pki.ca), "--cert", str(pki.client.cert), "--key", str(pki.client.key)]
+    assert main(["echo", address, *identity]) == 0
+    files = small_study(tmp_path / "in")
+    assert main(["send", *map(str, files), "--to", address, *identity]) == 0
+    assert node.index.instance(str(pydicom.dcmread(files[0]).SOPInstanceUID)) is not None
+    # Without the client certificate, or without TLS at all, the listener says no.
+    assert main(["echo", address, "--ca", str(pki.ca)]) != 0
+    assert main(["echo", address]) != 0
+    assert "FAILED" in capsys.readouterr().err
