@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -62,9 +63,41 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
             done = [j for j in index.study_jobs(study_uid) if j.status == JobStatus.DONE]
             result = done[0].result if done else None
             time.sleep(0.2)
-        index.close()
         assert result is not None, (tmp_path / "serve.log").read_text()[-3000:]
         orthanc.wait_for_sop(result["sr_sop_instance_uid"], timeout=60)
+
+        # A worker that dies (kill -9) is started again, and the next study is still read.
+        workers = _worker_pids(config)
+        assert workers, "serve started no worker processes"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            restarted = _worker_pids(config)
+            if len(restarted) == len(workers) and not restarted & workers:
+                break
+            time.sleep(0.2)
+        assert len(restarted) == len(workers) and not restarted & workers, "workers not restarted"
+        assert "restarting" in (tmp_path / "serve.log").read_text()
+        second = small_study(
+            tmp_path / "in2", kind="normal", seed=4, patient_id="SERVE-2", size=256
+        )
+        assert (
+            storescu(
+                second, host="127.0.0.1", port=settings.listener.port, called_aet="PACSAI"
+            ).returncode
+            == 0
+        )
+        second_uid = str(pydicom.dcmread(second[0]).StudyInstanceUID)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if any(j.status == JobStatus.DONE for j in index.study_jobs(second_uid)):
+                break
+            time.sleep(0.2)
+        assert any(j.status == JobStatus.DONE for j in index.study_jobs(second_uid)), (
+            tmp_path / "serve.log"
+        ).read_text()[-3000:]
+        index.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -79,3 +112,11 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
     )
     leftovers = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "worker processes must stop with serve"
+
+
+def _worker_pids(config: Path) -> set[int]:
+    """The worker processes ``serve`` started for ``config``."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"worker.cli worker .*--config {config}"], capture_output=True, text=True
+    )
+    return {int(pid) for pid in found.stdout.split()}
