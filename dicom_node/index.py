@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -310,22 +310,8 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-@contextmanager
-def _fresh_after_error(conn: Connection) -> Iterator[None]:
-    """Replace the pooled connection after a failed statement.
-
-    A SQLite connection whose statement failed inside a trigger can go on failing after the
-    cause is gone (seen with a trigger dropped by another connection): the next try gets a new one.
-    """
-    try:
-        yield
-    except SQLAlchemyError:
-        conn.invalidate()
-        raise
-
-
 class _DriverStatement:
-    """A statement compiled once to the driver's SQL, run without SQLAlchemy's per-call work."""
+    """A statement compiled once to the driver's SQL, run on a DBAPI cursor (no SQLAlchemy work)."""
 
     def __init__(self, statement: sa.ClauseElement, dialect: sa.Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -337,11 +323,14 @@ class _DriverStatement:
         }
         self.order: list[str] | None = getattr(compiled, "positiontup", None)
 
-    def run(self, conn: Connection, values: Mapping[str, Any]) -> sa.CursorResult[Any]:
+    def run(self, cursor: Any, values: Mapping[str, Any]) -> Any:
+        """Execute; return the first row (None when the statement returned none)."""
         merged = {**self.defaults, **values}
         if self.order is not None:
-            return conn.exec_driver_sql(self.sql, tuple(merged[name] for name in self.order))
-        return conn.exec_driver_sql(self.sql, merged)
+            cursor.execute(self.sql, tuple(merged[name] for name in self.order))
+        else:
+            cursor.execute(self.sql, merged)
+        return cursor.fetchone() if cursor.description else None
 
 
 class _RecordStatements:
@@ -451,6 +440,7 @@ class Index:
         self.engine = create_engine(url)
         self._create_schema()
         self._record = _RecordStatements(self.engine.dialect)
+        self._driver_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
     def _create_schema(self, timeout_s: float = 60.0) -> None:
         # Processes starting together race to create the tables; the loser waits and re-checks.
@@ -493,10 +483,10 @@ class Index:
         """
         statements = self._record
         try:
-            with self._tx() as conn, _fresh_after_error(conn):
+            with self._driver_tx() as cursor:
                 # Only a row with the same SOP Instance UID makes this an idempotent duplicate;
                 # any other constraint failure raises and is not acknowledged as stored.
-                if statements.insert_instance.run(conn, rec.__dict__).first() is None:
+                if statements.insert_instance.run(cursor, rec.__dict__) is None:
                     return False
                 values = {
                     "uid": rec.study_instance_uid,
@@ -506,11 +496,37 @@ class Index:
                     "received_at": rec.received_at,
                     "complete_after": complete_after,
                 }
-                if statements.insert_study.run(conn, values).first() is None:
-                    statements.update_study.run(conn, values)
+                if statements.insert_study.run(cursor, values) is None:
+                    statements.update_study.run(cursor, values)
                 return True
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, self._driver_error) as exc:
             raise OutOfResources(f"index unavailable: {type(exc).__name__}") from exc
+
+    @contextmanager
+    def _driver_tx(self) -> Iterator[Any]:
+        """A write transaction on the pooled DBAPI connection itself, for the per-instance row.
+
+        A connection whose statement failed is replaced: a SQLite connection whose statement
+        failed inside a trigger went on failing after the trigger was dropped.
+        """
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                if self.engine.dialect.name == "sqlite":
+                    cursor.execute("BEGIN IMMEDIATE")  # driver autocommit: see _sqlite_pragmas
+                yield cursor
+                conn.commit()
+            except BaseException:
+                with suppress(Exception):
+                    conn.rollback()
+                conn.invalidate()
+                raise
+            finally:
+                with suppress(Exception):
+                    cursor.close()
+        finally:
+            conn.close()  # back to the pool (an invalidated one is replaced)
 
     def release_studies(self, study_uids: Sequence[str], now: float) -> None:
         """The sending association released: these (CR/DX) studies are complete now."""

@@ -123,8 +123,10 @@ class StorageSCP:
         self.quarantine = quarantine
         self.on_study_ready = on_study_ready
         self._lock = threading.Lock()
-        # association id -> {study uid: modality}; only to complete CR/DX studies at release.
+        # association id -> {study uid: modality}; to complete CR/DX studies at release.
         self._touched: dict[int, dict[str, str]] = {}
+        # association id -> instances kept; logged once per association, not per instance.
+        self._kept: dict[int, int] = {}
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -193,6 +195,14 @@ class StorageSCP:
         """EVT_RELEASED: CR/DX studies sent on this association are complete now."""
         with self._lock:
             touched = self._touched.pop(id(event.assoc), {})
+            kept = self._kept.pop(id(event.assoc), 0)
+        if kept:
+            log.info(
+                "association from %s released: %d instance(s) kept in %d study(ies)",
+                event.assoc.requestor.ae_title.strip(),
+                kept,
+                len(touched),
+            )
         ready = [
             uid
             for uid, modality in touched.items()
@@ -209,7 +219,14 @@ class StorageSCP:
     def handle_aborted(self, event: Event) -> None:
         """EVT_ABORTED: the sender may retry; its studies complete after the quiet period."""
         with self._lock:
-            self._touched.pop(id(event.assoc), None)
+            touched = self._touched.pop(id(event.assoc), {})
+            kept = self._kept.pop(id(event.assoc), 0)
+        log.warning(
+            "association from %s aborted after %d instance(s) kept in %d study(ies)",
+            event.assoc.requestor.ae_title.strip(),
+            kept,
+            len(touched),
+        )
 
     # --- steps ---------------------------------------------------------------------------
 
@@ -337,7 +354,7 @@ class StorageSCP:
         if known is not None:
             self._replaced(known, record)
         else:
-            log.info("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
+            log.debug("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
         return study_uid, modality
 
     def _known(self, sop_uid: str) -> InstanceRecord | None:
@@ -361,8 +378,10 @@ class StorageSCP:
         )
 
     def _touch(self, event: Event, study_uid: str, modality: str) -> None:
+        key = id(event.assoc)
         with self._lock:
-            self._touched.setdefault(id(event.assoc), {})[study_uid] = modality
+            self._touched.setdefault(key, {})[study_uid] = modality
+            self._kept[key] = self._kept.get(key, 0) + 1
 
     def _reject(
         self, staged: StagedFile, status: int, reason: str, calling_aet: str, sop_uid: str | None
