@@ -54,6 +54,9 @@ _COMMAND = 0x01
 _LAST_FRAGMENT = 0x02
 # How long the reader waits for the next PDU of a data set before it lets the reactor run.
 _NEXT_PDU_WAIT_S = 0.05
+# What a PDU may be at most when the listener offers a maximum, and when it offers none.
+_MIN_PDU_LIMIT = 1 << 20
+_UNLIMITED_PDU_LIMIT = 256 << 20
 # The reactor's poll interval while PDUs flow, for how long after the last one, and otherwise.
 _BUSY_POLL_S = 0.0001
 _BUSY_WINDOW_S = 0.1
@@ -100,11 +103,22 @@ class BulkReadSocket(AssociationSocket):
     """pynetdicom's socket, reading a PDU in large ``recv_into`` calls instead of 4 KiB pieces."""
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.pdu_limit():
+            raise OSError(f"peer announced a {nr_bytes}-byte PDU, more than this node accepts")
         buffer = bytearray(nr_bytes)
         read = self.recv_into(memoryview(buffer))
         if read < nr_bytes:  # connection closed: return what came, as the stock reader does
             del buffer[read:]
         return buffer
+
+    def pdu_limit(self) -> int:
+        """The largest PDU this side reads: twice the maximum it offers, at least 1 MiB.
+
+        A compliant peer stays within the offered maximum; without a limit, a PDU header
+        announcing 4 GB would have the reader allocate 4 GB.
+        """
+        offered = int(getattr(self.assoc.ae, "maximum_pdu_size", 0) or 0)
+        return max(_MIN_PDU_LIMIT, 2 * offered) if offered else _UNLIMITED_PDU_LIMIT
 
     def wait_readable(self, timeout: float) -> bool:
         """True when data can be read within ``timeout`` seconds."""
@@ -172,11 +186,13 @@ class StreamingDUL(DULServiceProvider):
                 log.error("unknown PDU type 0x%02X received", pdu_type)
                 self.event_queue.put("Evt19")  # unrecognised or invalid PDU
                 return False
+            if length > sock.pdu_limit():
+                raise OSError(f"peer announced a {length}-byte PDU, more than this node accepts")
             body = self._body(length)
             if sock.recv_into(body) < length:
                 raise EOFError("connection closed")
         except (OSError, TimeoutError, EOFError) as exc:
-            log.error("connection closed before the entire PDU was received: %s", exc)
+            log.error("association ended while reading a PDU: %s", exc)
             self.event_queue.put("Evt17")  # transport connection closed
             return False
         if pdu_type == _P_DATA_TF:

@@ -4,6 +4,7 @@ failed write gets 0xA700."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -77,10 +78,11 @@ def test_sender_that_dies_mid_image_leaves_nothing_and_the_listener_keeps_servin
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None
     pdus = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
     # The command and the first part of the data set, never the rest: the sender then dies.
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
     sock = assoc.dul.socket.socket
-    assert sock is not None
     for pdu in pdus[: len(pdus) // 2]:
         sock.sendall(pdu)
     data_dir = node.config.storage.data_dir
@@ -191,3 +193,44 @@ def test_c_store_response_written_directly_is_what_pynetdicom_would_send() -> No
         assert fragment == b"\x03" + store_response_command(
             message_id, sop_class, sop_instance, status
         )
+
+
+def test_pdu_announcing_gigabytes_ends_the_association_at_once(
+    node: DicomNode, tmp_path: Path
+) -> None:
+    import socket
+    import struct
+
+    [image] = small_study(tmp_path / "in")
+    ds = pydicom.dcmread(image)
+    ae = AE(ae_title="BIGPDU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(dataset_bytes(image.read_bytes()))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None
+    [command, *_data] = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    sock = assoc.dul.socket.socket
+    sock.sendall(command)
+    # A P-DATA-TF header announcing 3 GB, and nothing after it.
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 3_000_000_000))
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    raw.settimeout(10)
+    try:
+        assert raw.recv(1) == b"", "the listener kept waiting for the announced gigabytes"
+    except ConnectionResetError:
+        pass
+    finally:
+        raw.close()
+        assoc.abort()
+    assert _wait(lambda: _leftovers(node.config.storage.data_dir) == [])
+    assert c_echo(node.port) == 0x0000
