@@ -4,9 +4,7 @@ including mutual TLS, with certificates made by the test with the ``openssl`` co
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -20,78 +18,15 @@ from dicom_node.scu import RemoteNode, echo, send_files
 from dicom_node.settings import DestinationTLSSettings, ListenerTLSSettings, PeerSettings
 from tests.dicom_node.conftest import make_config
 from tests.dicom_node.helpers import small_study
-from tests.servers import echoscu, require_tool, run_tool, storescu
+from tests.pki import Identity, Pki, make_pki
+from tests.servers import echoscu, run_tool, storescu
 
 # --- certificates -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Identity:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server: Identity
-    client: Identity
-    # Signed by a CA the node does not trust.
-    stranger: Identity
-    stranger_ca: Path
-
-
-def _openssl(*args: str | Path) -> None:
-    openssl = require_tool("openssl")
-    completed = subprocess.run(
-        [openssl, *map(str, args)], capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-
-
-def _make_ca(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    return cert, key
-
-
-def _issue(folder: Path, name: str, ca: tuple[Path, Path]) -> Identity:
-    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
-    ext = folder / f"{name}.ext"
-    ext.write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-    )
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", csr, "-subj", f"/CN={name}",
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-        "-out", cert, "-days", "2", "-extfile", ext,
-    )  # fmt: skip
-    return Identity(cert, key)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = _make_ca(folder, "hospital-ca")
-    stranger_ca = _make_ca(folder, "stranger-ca")
-    return Pki(
-        ca=ca[0],
-        server=_issue(folder, "pacs-ai-node", ca),
-        client=_issue(folder, "modality", ca),
-        stranger=_issue(folder, "stranger", stranger_ca),
-        stranger_ca=stranger_ca[0],
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- nodes --------------------------------------------------------------------------------------

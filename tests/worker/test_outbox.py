@@ -7,6 +7,7 @@ The dispatcher runs on an injected clock: hours of backoff pass in a few passes,
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from dicom_node.index import DeliveryStatus, Index
 from dicom_node.scu import STUDY_ROOT_FIND
-from dicom_node.settings import DestinationSettings
+from dicom_node.settings import DestinationSettings, DestinationTLSSettings
 from tests.dicom_node.helpers import small_study
+from tests.pki import make_pki
 from tests.servers import Orthanc, free_port
 from worker.cli import main
 from worker.findings import FindingResult, ModelCard
@@ -92,7 +94,9 @@ def next_due(index: Index, dest: str) -> float:
 
 @contextmanager
 def store_scp(
-    sop_classes: list[str], answer: Callable[[Dataset], int] = lambda _: 0x0000
+    sop_classes: list[str],
+    answer: Callable[[Dataset], int] = lambda _: 0x0000,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[tuple[int, list[Dataset]]]:
     """A real pynetdicom storage SCP that supports only ``sop_classes`` and answers ``answer``."""
     received: list[Dataset] = []
@@ -107,8 +111,12 @@ def store_scp(
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
     port = free_port()
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, handle)],
+        ssl_context=ssl_context,
     )
+    assert server is not None
     try:
         yield port, received
     finally:
@@ -357,3 +365,26 @@ def test_key_object_selections_go_only_to_destinations_that_ask_for_them(index: 
     assert created == 3
     assert {r["destination"] for r in rows(index, "2.25.1")} == {"plain", "keen"}
     assert {r["destination"] for r in rows(index, "2.25.2")} == {"keen"}
+
+
+def test_delivery_over_mutual_tls_reaches_a_tls_pacs_and_plain_tcp_does_not(
+    tmp_path: Path, index: Index
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server.load_cert_chain(pki.server.cert, pki.server.key)
+    server.verify_mode = ssl.CERT_REQUIRED  # the PACS wants our client certificate
+    with store_scp([COMPREHENSIVE_SR], ssl_context=server) as (port, received):
+        tls = DestinationTLSSettings(
+            enabled=True, ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key
+        )
+        secure = destination(port, "STRICT", "secure").model_copy(update={"tls": tls})
+        plain = destination(port, "STRICT", "plain")
+        settings = outputs_to(secure, plain)
+        uid = make_output(index, tmp_path, seed=11)
+        enqueue_outputs(index, settings, [(uid, "findings-sr")], now=T0)
+        OutboxDispatcher(index, settings).run_once(T0)
+
+    status = {row["destination"]: row["status"] for row in rows(index, uid)}
+    assert status == {"secure": "delivered", "plain": "pending"}
+    assert [str(ds.SOPInstanceUID) for ds in received] == [uid]
