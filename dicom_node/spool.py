@@ -7,7 +7,6 @@ any point leaves at most a ``.partial`` file that is never indexed and is swept 
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import re
@@ -21,8 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 from dicom_node.errors import OutOfResources
-
-log = logging.getLogger(__name__)
 
 # A DICOM UID: dot-separated numbers without leading zeros, at most 64 characters. Validated before a
 # UID becomes a path part so that no sender can write outside the spool.
