@@ -12,6 +12,7 @@ import sys
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE
@@ -37,6 +38,31 @@ def _wait(condition: object, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def _raw_store(node: DicomNode, image: Path, calling_aet: str) -> tuple[Any, Any, list[bytes]]:
+    """An association to ``node``, its socket, and the encoded PDUs of a C-STORE of ``image``.
+
+    The test writes the PDUs itself, so it can stop part-way or send something else instead.
+    """
+    ds = pydicom.dcmread(image)
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(dataset_bytes(image.read_bytes()))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    pdus = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
+    return assoc, assoc.dul.socket.socket, pdus
 
 
 def test_large_image_is_stored_byte_for_byte_as_sent(node: DicomNode, tmp_path: Path) -> None:
@@ -65,24 +91,8 @@ def test_sender_that_dies_mid_image_leaves_nothing_and_the_listener_keeps_servin
 ) -> None:
     [image] = small_study(tmp_path / "in", size=1600)
     ds = pydicom.dcmread(image)
-    ae = AE(ae_title="HALFSCU")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
-    assert assoc.is_established
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    request.DataSet = BytesIO(dataset_bytes(image.read_bytes()))
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    context_id = assoc.accepted_contexts[0].context_id
-    assert context_id is not None
-    pdus = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
+    assoc, sock, pdus = _raw_store(node, image, "HALFSCU")
     # The command and the first part of the data set, never the rest: the sender then dies.
-    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
-    sock = assoc.dul.socket.socket
     for pdu in pdus[: len(pdus) // 2]:
         sock.sendall(pdu)
     data_dir = node.config.storage.data_dir
@@ -202,24 +212,7 @@ def test_pdu_announcing_gigabytes_ends_the_association_at_once(
     import struct
 
     [image] = small_study(tmp_path / "in")
-    ds = pydicom.dcmread(image)
-    ae = AE(ae_title="BIGPDU")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
-    assert assoc.is_established
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    request.DataSet = BytesIO(dataset_bytes(image.read_bytes()))
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    context_id = assoc.accepted_contexts[0].context_id
-    assert context_id is not None
-    [command, *_data] = [P_DATA_TF(p).encode() for p in message.encode_msg(context_id, 16384)]
-    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
-    sock = assoc.dul.socket.socket
+    assoc, sock, [command, *_data] = _raw_store(node, image, "BIGPDU")
     sock.sendall(command)
     # A P-DATA-TF header announcing 3 GB, and nothing after it.
     sock.sendall(struct.pack(">BBL", 0x04, 0, 3_000_000_000))
