@@ -139,7 +139,7 @@ class DicomNode:
             self._server = ae.make_server(
                 (listener.host, listener.port),
                 evt_handlers=handlers(self.scp),
-                request_handler=streaming_request_handler(self.spool),
+                request_handler=streaming_request_handler(self.spool, self.scp.store_direct),
             )
             ae.serve_in_background(self._server)
         else:
@@ -155,7 +155,13 @@ class DicomNode:
             ae.maximum_associations = per_process_limit(listener.max_associations, self.processes)
             events = [*handlers(self.scp), (evt.EVT_CONN_CLOSE, self._pool.local_closed)]
             self._pool.set_local(
-                make_handed_server(ae, (listener.host, listener.port), events, self.spool)
+                make_handed_server(
+                    ae,
+                    (listener.host, listener.port),
+                    events,
+                    self.spool,
+                    self.scp.store_direct,
+                )
             )
             self._pool.start()
         self.assembler.start()

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
 from pynetdicom.events import Event
 
@@ -35,7 +36,7 @@ from dicom_node.security import ListenerAE
 from dicom_node.settings import CompletionSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
 from dicom_node.spool import Spool, StagedFile, is_valid_uid
-from dicom_node.stream import file_preamble
+from dicom_node.stream import DirectStore, file_preamble
 from dicom_node.wire import check_complete
 
 log = logging.getLogger(__name__)
@@ -132,17 +133,52 @@ class StorageSCP:
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE: keep the instance durably, then answer."""
-        calling_aet = event.assoc.requestor.ae_title.strip()
+        request = cast(C_STORE, event.request)
+        return self._receive(
+            event.assoc,
+            lambda: self._staged(event),
+            event.context.transfer_syntax,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+        )
+
+    def store_direct(self, assoc: Association, request: DirectStore) -> int:
+        """A C-STORE the streaming reader took off the wire itself: the same as ``handle_store``."""
+        return self._receive(
+            assoc,
+            lambda: request.staged,
+            request.transfer_syntax,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+        )
+
+    def _receive(
+        self,
+        assoc: Association,
+        stage: Callable[[], StagedFile],
+        transfer_syntax: UID,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+    ) -> int:
+        calling_aet = assoc.requestor.ae_title.strip()
         sop_uid: str | None = None
         try:
-            staged = self._staged(event)
+            staged = stage()
         except OutOfResources as exc:
             log.error("C-STORE from %s refused (0xA700): %s", calling_aet, exc)
             return OUT_OF_RESOURCES
         try:
-            header = self._parse(event, staged)
+            header = self._parse(staged, transfer_syntax, sop_class_uid, sop_instance_uid)
             sop_uid = str(header.SOPInstanceUID)
-            return self._store(event, header, staged, calling_aet)
+            study_uid, modality = self.store_instance(
+                header,
+                staged,
+                str(transfer_syntax),
+                calling_aet,
+                called_aet=assoc.acceptor.ae_title.strip(),
+            )
+            self._touch(assoc, study_uid, modality)
+            return SUCCESS
         except CorruptDataset as exc:
             return self._reject(staged, CANNOT_UNDERSTAND, str(exc), calling_aet, sop_uid)
         except DatasetMismatch as exc:
@@ -250,28 +286,15 @@ class StorageSCP:
         staged.dataset_offset = len(preamble)
         return staged
 
-    def _parse(self, event: Event, staged: StagedFile) -> Dataset:
+    def _parse(
+        self, staged: StagedFile, transfer_syntax: UID, sop_class_uid: str, sop_instance_uid: str
+    ) -> Dataset:
         if staged.error is not None:
             raise OutOfResources(f"cannot store: {staged.error.strerror or staged.error}")
-        request = cast(C_STORE, event.request)
         with staged.mapped() as whole:
             return check_instance(
-                whole[staged.dataset_offset :],
-                event.context.transfer_syntax,
-                request.AffectedSOPClassUID,
-                request.AffectedSOPInstanceUID,
+                whole[staged.dataset_offset :], transfer_syntax, sop_class_uid, sop_instance_uid
             )
-
-    def _store(self, event: Event, header: Dataset, staged: StagedFile, calling_aet: str) -> int:
-        study_uid, modality = self.store_instance(
-            header,
-            staged,
-            str(event.context.transfer_syntax),
-            calling_aet,
-            called_aet=event.assoc.acceptor.ae_title.strip(),
-        )
-        self._touch(event, study_uid, modality)
-        return SUCCESS
 
     def store_instance(
         self,
@@ -377,8 +400,8 @@ class StorageSCP:
             record.calling_aet,
         )
 
-    def _touch(self, event: Event, study_uid: str, modality: str) -> None:
-        key = id(event.assoc)
+    def _touch(self, assoc: Association, study_uid: str, modality: str) -> None:
+        key = id(assoc)
         with self._lock:
             self._touched.setdefault(key, {})[study_uid] = modality
             self._kept[key] = self._kept.get(key, 0) + 1

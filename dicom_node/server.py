@@ -38,7 +38,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.spool import Spool
-from dicom_node.stream import streaming_request_handler
+from dicom_node.stream import StoreHandler, streaming_request_handler
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
     ae = build_ae(listener)
     ae.maximum_associations = max_associations
     events = [*handlers(scp), (evt.EVT_CONN_CLOSE, lambda _event: tell(DONE))]
-    server = make_handed_server(ae, (listener.host, listener.port), events, scp.spool)
+    server = make_handed_server(
+        ae, (listener.host, listener.port), events, scp.spool, scp.store_direct
+    )
     tell(READY)
     orderly = False
     while True:
@@ -124,17 +126,22 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
 
 
 def make_handed_server(
-    ae: Any, address: tuple[str, int], events: list[EventHandlerType], spool: Spool
+    ae: Any,
+    address: tuple[str, int],
+    events: list[EventHandlerType],
+    spool: Spool,
+    store: StoreHandler | None = None,
 ) -> HandedServer:
     """A server for ``ae`` that runs the associations of connections given to ``serve``.
 
-    C-STORE data sets are written into ``spool`` as they arrive (``dicom_node.stream``).
+    C-STORE data sets are written into ``spool`` as they arrive, and plain C-STOREs answered with
+    ``store`` (``dicom_node.stream``).
     """
     server = ae.make_server(
         address,
         evt_handlers=events,
         server_class=HandedServer,
-        request_handler=streaming_request_handler(spool),
+        request_handler=streaming_request_handler(spool, store),
     )
     assert isinstance(server, HandedServer)
     server.daemon_threads = True

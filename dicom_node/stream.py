@@ -21,22 +21,33 @@ pynetdicom to the 3.0 series; tests/dicom_node/test_stream.py pins down the beha
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import select
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, cast
 
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom._handlers import standard_dimse_sent_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicom_node.spool import Spool, StagedFile
@@ -146,10 +157,142 @@ class BulkReadSocket(AssociationSocket):
         return read
 
 
+@dataclass(frozen=True)
+class DirectStore:
+    """A C-STORE request the reader took off the wire itself, with its data set in ``staged``.
+
+    The C-STORE handler answers it with a status, as it would pynetdicom's ``EVT_C_STORE``.
+    """
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    staged: StagedFile
+
+
+StoreHandler = Callable[["Association", DirectStore], int]
+
+
+class _Step(enum.Enum):
+    MORE = "more"  # nothing for pynetdicom to do: the reader may take the next PDU itself
+    DONE = "done"  # an event is queued (or the association ends): back to the reactor
+
+
+# The command elements of a C-STORE request (PS3.7 9.3.1.1) the reader answers itself; a command
+# with any other element (a retired one, say) goes to pynetdicom.
+_STORE_RQ_ELEMENTS = frozenset(
+    (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031)
+)
+_NO_DATA_SET = 0x0101
+_C_STORE_RQ = 0x0001
+
+
+def parse_store_request(command: bytes | memoryview) -> tuple[int, str, str] | None:
+    """(message ID, SOP class UID, SOP instance UID) of a C-STORE-RQ command set with a data set.
+
+    ``command`` is the encoded command set (implicit VR little endian). None for anything else,
+    or anything unusual, which pynetdicom then decodes as it always does.
+    """
+    elements: dict[int, bytes] = {}
+    pos, end = 0, len(command)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        pos += 8
+        if group != 0x0000 or element not in _STORE_RQ_ELEMENTS or pos + length > end:
+            return None
+        elements[element] = bytes(command[pos : pos + length])
+        pos += length
+    try:
+        (field,) = struct.unpack("<H", elements[0x0100])
+        (message_id,) = struct.unpack("<H", elements[0x0110])
+        (data_set_type,) = struct.unpack("<H", elements[0x0800])
+        struct.unpack("<H", elements[0x0700])  # priority: present and a US
+        sop_class = elements[0x0002].rstrip(b"\x00 ").decode("ascii")
+        sop_instance = elements[0x1000].rstrip(b"\x00 ").decode("ascii")
+    except (KeyError, struct.error, UnicodeDecodeError):
+        return None
+    if field != _C_STORE_RQ or data_set_type == _NO_DATA_SET or not sop_class or not sop_instance:
+        return None
+    return message_id, sop_class, sop_instance
+
+
+def _data_fragments(context_id: int, body: memoryview) -> list[tuple[int, int, bool]] | None:
+    """(start, end, last) of each data-set fragment in a P-DATA-TF body, all of ``context_id``.
+
+    None unless the body is nothing but such fragments, with at most the final one marked last.
+    """
+    fragments: list[tuple[int, int, bool]] = []
+    last = False
+    pos = 0
+    while pos < len(body):
+        if last or len(body) - pos < 6:
+            return None
+        (item_length,) = struct.unpack_from(">L", body, pos)
+        end = pos + 4 + item_length
+        item_context, control = body[pos + 4], body[pos + 5]
+        if item_length < 2 or end > len(body) or item_context != context_id or control & _COMMAND:
+            return None
+        last = bool(control & _LAST_FRAGMENT)
+        fragments.append((pos + 6, end, last))
+        pos = end
+    return fragments
+
+
+def _pdata_pdus(context_id: int, command: bytes, peer_maximum: int) -> bytes:
+    """P-DATA-TF PDUs carrying ``command``, split to the peer's maximum PDU length (0: none)."""
+    step = peer_maximum - 6 if peer_maximum > 6 else len(command)
+    pdus = []
+    for start in range(0, len(command), step):
+        piece = command[start : start + step]
+        control = _COMMAND | (_LAST_FRAGMENT if start + step >= len(command) else 0)
+        item = struct.pack(">LBB", len(piece) + 2, context_id, control) + piece
+        pdus.append(struct.pack(">BBL", _P_DATA_TF, 0, len(item)) + item)
+    return b"".join(pdus)
+
+
+@functools.cache
+def _is_storage(sop_class_uid: str) -> bool:
+    return uid_to_service_class(sop_class_uid) is StorageServiceClass
+
+
+# pynetdicom's own handlers for these events only log at DEBUG; any other handler bound to one of
+# them wants the messages and PDUs as objects, so such an association takes pynetdicom's path.
+_STANDARD_HANDLERS = {
+    evt.EVT_DIMSE_RECV: {standard_dimse_recv_handler},
+    evt.EVT_DIMSE_SENT: {standard_dimse_sent_handler},
+    evt.EVT_PDU_RECV: {standard_pdu_recv_handler},
+    evt.EVT_PDU_SENT: {standard_pdu_sent_handler},
+    evt.EVT_DATA_RECV: set(),
+    evt.EVT_DATA_SENT: set(),
+    evt.EVT_FSM_TRANSITION: set(),
+}
+
+
+def only_standard_handlers(assoc: Association) -> bool:
+    """True when nothing but pynetdicom's logging handlers listens to the DIMSE/PDU events."""
+    if _PYNETDICOM_LOG.isEnabledFor(logging.INFO):
+        return False  # pynetdicom's log of every message and PDU was asked for
+    for event, standard in _STANDARD_HANDLERS.items():
+        bound = cast(list[tuple[Any, Any]], assoc.get_handlers(event))
+        if any(handler not in standard for handler, _ in bound):
+            return False
+    return True
+
+
 class StreamingDUL(DULServiceProvider):
-    """The upper layer of one association, writing C-STORE data-set fragments into the spool."""
+    """The upper layer of one association, writing C-STORE data-set fragments into the spool.
+
+    With a ``store`` handler it also takes plain C-STORE requests off the wire itself and answers
+    them (see ``_start_direct``).
+    """
 
     spool: Spool | None = None
+    store: StoreHandler | None = None
+    _direct: DirectStore | None = None
     _busy_until = 0.0
 
     def _is_transport_event(self) -> bool:
@@ -164,18 +307,40 @@ class StreamingDUL(DULServiceProvider):
         return busy
 
     def _read_pdu_data(self) -> None:
-        # While a data set streams in, read its PDUs back to back: returning to pynetdicom's
+        # While C-STOREs stream in, read their PDUs back to back: returning to pynetdicom's
         # reactor after a PDU that raised no event would cost a 1 ms sleep per PDU.
         while True:
-            message = self._receiving_store()
-            if message is None:
+            direct = self._direct
+            message = None if direct is not None else self._receiving_store()
+            if direct is None and message is None and not self._takes_commands():
                 super()._read_pdu_data()
                 return
-            if not self._read_streamed(message) or not self._more_data_soon():
+            read = self._read_pdu()
+            if read is None:
                 return
+            head, body = read
+            step = _Step.DONE
+            if head[0] == _P_DATA_TF:
+                if direct is not None:
+                    step = self._continue_direct(direct, body)
+                elif message is not None:
+                    streamed = self._stream(message, body)
+                    if streamed is None:
+                        self._queue_pdu(head + bytes(body))
+                    elif not streamed.last:
+                        step = _Step.MORE
+                else:
+                    step = self._start_direct(head, body)
+            else:
+                if direct is not None:  # an abort or a release in the middle of a data set
+                    self._drop_direct()
+                self._queue_pdu(head + bytes(body))
+            if step is _Step.DONE or not self._more_data_soon():
+                return
+            self._idle_timer.restart()  # a long run of PDUs here is activity, not idleness
 
-    def _read_streamed(self, message: C_STORE_RQ) -> bool:
-        """Read one PDU for ``message``; True when it was streamed and more fragments follow."""
+    def _read_pdu(self) -> tuple[bytes, memoryview] | None:
+        """The next PDU's header and body (a view of the reused buffer); None if it ended."""
         sock = cast(BulkReadSocket, self.socket)
         try:
             head = bytes(sock.recv(6))
@@ -185,7 +350,7 @@ class StreamingDUL(DULServiceProvider):
             if pdu_type not in _PDU_TYPES:
                 log.error("unknown PDU type 0x%02X received", pdu_type)
                 self.event_queue.put("Evt19")  # unrecognised or invalid PDU
-                return False
+                return None
             if length > sock.pdu_limit():
                 raise OSError(f"peer announced a {length}-byte PDU, more than this node accepts")
             body = self._body(length)
@@ -194,13 +359,8 @@ class StreamingDUL(DULServiceProvider):
         except (OSError, TimeoutError, EOFError) as exc:
             log.error("association ended while reading a PDU: %s", exc)
             self.event_queue.put("Evt17")  # transport connection closed
-            return False
-        if pdu_type == _P_DATA_TF:
-            streamed = self._stream(message, body)
-            if streamed is not None:
-                return not streamed.last
-        self._queue_pdu(head + bytes(body))
-        return False
+            return None
+        return head, body
 
     def _more_data_soon(self) -> bool:
         """True when the next PDU is there within a moment and nothing else needs the reactor."""
@@ -213,12 +373,113 @@ class StreamingDUL(DULServiceProvider):
             super().run()
         finally:
             # A data set cut off by an abort or a lost connection: nobody will publish it.
+            self._drop_direct()
             dimse = getattr(self.assoc, "dimse", None)
             staged = getattr(getattr(dimse, "message", None), "_data_set_file", None)
             if isinstance(staged, StagedFile):
                 staged.discard()
 
-    # --- steps ---------------------------------------------------------------------------
+    # --- C-STORE requests answered here ----------------------------------------------------
+
+    def _takes_commands(self) -> bool:
+        """True when the next PDU may start a C-STORE this reader answers itself."""
+        return (
+            self.store is not None
+            and self.spool is not None
+            and self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and self._recv_pdu.empty()
+            and self.assoc.dimse.message is None
+        )
+
+    def _start_direct(self, head: bytes, body: memoryview) -> _Step:
+        """Take a P-DATA-TF PDU that holds a whole C-STORE-RQ command set; else hand it on.
+
+        The reader then writes the data set into a staged file, calls the store handler on this
+        thread and sends the C-STORE-RSP itself: no DIMSE message object, no pydicom command set,
+        no hop to the association thread, no state-machine events for the P-DATA. The upper-layer
+        state stays Sta6 throughout, as it would. Anything else (another command, a command in
+        pieces, data next to the command, an association that wants messages as objects, no
+        room for a staged file) goes to pynetdicom unchanged.
+        """
+        direct = None
+        if len(body) >= 6:
+            (item_length,) = struct.unpack_from(">L", body, 0)
+            context_id, control = body[4], body[5]
+            if item_length + 4 == len(body) and control == _COMMAND | _LAST_FRAGMENT:
+                direct = self._direct_store(context_id, body[6:])
+        if direct is None:
+            self._queue_pdu(head + bytes(body))
+            return _Step.DONE
+        self._direct = direct
+        return _Step.MORE
+
+    def _direct_store(self, context_id: int, command: memoryview) -> DirectStore | None:
+        request = parse_store_request(command)
+        if request is None or not self.assoc.is_acceptor or not self.assoc.is_established:
+            return None
+        message_id, sop_class_uid, sop_instance_uid = request
+        context = self.assoc._accepted_cx.get(context_id)
+        if context is None or not _is_storage(sop_class_uid):
+            return None  # pynetdicom aborts or refuses these, as it always has
+        if sop_class_uid in self.assoc.acceptor.accepted_common_extended:
+            return None
+        if not only_standard_handlers(self.assoc):
+            return None
+        assert self.spool is not None
+        transfer_syntax = context.transfer_syntax[0]
+        preamble = file_preamble(sop_class_uid, sop_instance_uid, str(transfer_syntax))
+        try:
+            staged = self.spool.stage([preamble])
+        except Exception as exc:
+            # No file (disk full, say): pynetdicom receives it in memory and the handler answers.
+            log.warning("receiving a data set in memory: %s", exc)
+            return None
+        staged.dataset_offset = len(preamble)
+        return DirectStore(
+            context_id, message_id, sop_class_uid, sop_instance_uid, UID(transfer_syntax), staged
+        )
+
+    def _continue_direct(self, direct: DirectStore, body: memoryview) -> _Step:
+        fragments = _data_fragments(direct.context_id, body)
+        if fragments is None:
+            # A command or another context's data in the middle of a data set: a protocol error.
+            log.error("malformed P-DATA-TF in the middle of a data set; aborting the association")
+            self._drop_direct()
+            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+            return _Step.DONE
+        for start, end, _ in fragments:
+            direct.staged.write(body[start:end])
+        if not fragments or not fragments[-1][2]:
+            return _Step.MORE
+        self._direct = None
+        return self._answer(direct)
+
+    def _answer(self, direct: DirectStore) -> _Step:
+        """Run the store handler for a complete data set and send its C-STORE-RSP."""
+        assert self.store is not None
+        try:
+            status = self.store(self.assoc, direct)
+        except Exception:
+            log.exception("C-STORE handler failed; answering 0xC211")
+            status = 0xC211
+        finally:
+            direct.staged.discard()  # whatever was not published
+        if self._kill_thread or not self.assoc.is_established:
+            return _Step.DONE
+        command = store_response_command(
+            direct.message_id, direct.sop_class_uid, direct.sop_instance_uid, status
+        )
+        sock = cast(BulkReadSocket, self.socket)
+        sock.send(_pdata_pdus(direct.context_id, command, self.assoc.dimse.maximum_pdu_size))
+        return _Step.MORE if self.event_queue.empty() else _Step.DONE
+
+    def _drop_direct(self) -> None:
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.staged.discard()
+
+    # --- data sets of C-STORE requests pynetdicom decoded -----------------------------------
 
     def _receiving_store(self) -> C_STORE_RQ | None:
         """The C-STORE request whose data set is arriving, if its fragments can be streamed."""
@@ -249,27 +510,13 @@ class StreamingDUL(DULServiceProvider):
         Only a PDU made of data-set fragments of the message's presentation context is taken,
         with at most the last of them marked last.
         """
-        fragments: list[tuple[int, int]] = []
-        last = False
-        pos = 0
-        while pos < len(body):
-            if last or len(body) - pos < 6:
-                return None
-            (item_length,) = struct.unpack_from(">L", body, pos)
-            end = pos + 4 + item_length
-            context_id, control = body[pos + 4], body[pos + 5]
-            if item_length < 2 or end > len(body) or context_id != message.context_id:
-                return None
-            if control & _COMMAND:
-                return None
-            last = bool(control & _LAST_FRAGMENT)
-            fragments.append((pos + 6, end))
-            pos = end
+        fragments = _data_fragments(cast(int, message.context_id), body)
         staged = self._staged(message) if fragments else None
-        if staged is None:
+        if fragments is None or staged is None:
             return None
-        for start, end in fragments:
+        for start, end, _ in fragments:
             staged.write(body[start:end])
+        last = fragments[-1][2]
         if last:
             # Let pynetdicom complete the message as if the last fragment were empty.
             item = struct.pack(">LBB", 2, cast(int, message.context_id), _LAST_FRAGMENT)
@@ -365,8 +612,14 @@ class StreamingDIMSE(DIMSEServiceProvider):
         return command if limit == 0 or len(command) + 6 <= limit else None
 
 
-def streaming_request_handler(spool: Spool) -> type[RequestHandler]:
-    """A pynetdicom request handler whose associations stream C-STORE data sets into ``spool``."""
+def streaming_request_handler(
+    spool: Spool, store: StoreHandler | None = None
+) -> type[RequestHandler]:
+    """A pynetdicom request handler whose associations stream C-STORE data sets into ``spool``.
+
+    With ``store``, plain C-STORE requests are answered by the reader with what ``store`` returns
+    (it must do what the association's ``EVT_C_STORE`` handler does); others take that handler.
+    """
 
     class StreamingRequestHandler(RequestHandler):
         def _create_association(self) -> Association:
@@ -376,6 +629,7 @@ def streaming_request_handler(spool: Spool) -> type[RequestHandler]:
                 if type(assoc.dul) is DULServiceProvider:
                     assoc.dul.__class__ = StreamingDUL
                     cast(StreamingDUL, assoc.dul).spool = spool
+                    cast(StreamingDUL, assoc.dul).store = store
                 if type(assoc.dimse) is DIMSEServiceProvider:
                     assoc.dimse.__class__ = StreamingDIMSE
             return assoc
