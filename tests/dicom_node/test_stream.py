@@ -10,17 +10,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 from dicom_node.node import DicomNode
+from tests.dicom_node.conftest import make_config
 from tests.dicom_node.helpers import c_echo, dataset_bytes, send_raw, small_study
 from tests.servers import free_port, storescu
 
@@ -227,3 +230,134 @@ def test_pdu_announcing_gigabytes_ends_the_association_at_once(
         assoc.abort()
     assert _wait(lambda: _leftovers(node.config.storage.data_dir) == [])
     assert c_echo(node.port) == 0x0000
+
+
+# --- C-STORE requests the reader answers itself ----------------------------------------------
+
+
+@pytest.fixture
+def one_process_node(tmp_path: Path, redis_url: str) -> Iterator[DicomNode]:
+    """A node serving associations on threads of this process, where the test can watch them."""
+    config = make_config(tmp_path, redis_url)
+    config.listener.processes = 1
+    n = DicomNode(config)
+    n.start()
+    yield n
+    n.stop()
+
+
+def _count_direct_answers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the message ID of every C-STORE the streaming reader answers itself."""
+    from dicom_node.stream import DirectStore, StreamingDUL
+
+    answered: list[int] = []
+    original = StreamingDUL._answer
+
+    def counting(self: StreamingDUL, direct: DirectStore) -> Any:
+        answered.append(direct.message_id)
+        return original(self, direct)
+
+    monkeypatch.setattr(StreamingDUL, "_answer", counting)
+    return answered
+
+
+def test_store_request_read_off_the_wire_is_what_pynetdicom_decodes() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from dicom_node.stream import parse_store_request
+
+    def encoded(primitive: Any, message: Any) -> bytes:
+        message.primitive_to_message(primitive)
+        [pdata, *_] = list(message.encode_msg(1, 0))
+        return bytes(pdata.presentation_data_value_list[0][1][1:])  # without the control byte
+
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = "1.2.3.45"
+    request.Priority = 2
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    command = encoded(request, C_STORE_RQ())
+    assert parse_store_request(command) == (7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45")
+
+    # A C-STORE sub-operation of a C-MOVE names its originator; still a plain C-STORE.
+    request.MoveOriginatorApplicationEntityTitle = "MOVER"
+    request.MoveOriginatorMessageID = 3
+    assert parse_store_request(encoded(request, C_STORE_RQ()))[0] == 7  # type: ignore[index]
+
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    assert parse_store_request(encoded(echo, C_ECHO_RQ())) is None
+    # An element a C-STORE-RQ does not have (retired Length to End) leaves it to pynetdicom.
+    assert (
+        parse_store_request(command + b"\x00\x00\x01\x00\x04\x00\x00\x00\x00\x00\x00\x00") is None
+    )
+    assert parse_store_request(command[:-3]) is None  # cut short
+
+
+def test_sender_with_a_tiny_maximum_pdu_gets_its_answer_in_pieces(
+    one_process_node: DicomNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered = _count_direct_answers(monkeypatch)
+    [image] = small_study(tmp_path / "in")
+    ds = pydicom.dcmread(image)
+    ae = AE(ae_title="TINYPDU")
+    ae.maximum_pdu_size = 64  # the C-STORE-RSP command set is longer than that
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", one_process_node.port, ae_title="PACSAI")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    assert answered == [1], "the listener did not answer this C-STORE in its reader"
+    assert one_process_node.index.instance(str(ds.SOPInstanceUID)) is not None
+
+
+def test_association_with_its_own_message_handler_takes_pynetdicoms_path(
+    one_process_node: DicomNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import evt
+
+    answered = _count_direct_answers(monkeypatch)
+    seen: list[str] = []
+    server = one_process_node._server
+    assert server is not None
+    server.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(type(event.message).__name__))
+    [image] = small_study(tmp_path / "in")
+    ds = pydicom.dcmread(image)
+    result = storescu([image], host="127.0.0.1", port=one_process_node.port, called_aet="PACSAI")
+    assert result.returncode == 0, result.stderr
+    assert seen == ["C_STORE_RQ"], "a bound DIMSE handler did not see the C-STORE request"
+    assert answered == []
+    assert one_process_node.index.instance(str(ds.SOPInstanceUID)) is not None
+
+
+def test_command_in_the_middle_of_a_data_set_aborts_and_leaves_nothing(
+    one_process_node: DicomNode, tmp_path: Path
+) -> None:
+    import socket
+
+    [image] = small_study(tmp_path / "in", size=1600)
+    ds = pydicom.dcmread(image)
+    assoc, sock, pdus = _raw_store(one_process_node, image, "MIXEDUP")
+    for pdu in pdus[:5]:
+        sock.sendall(pdu)
+    sock.sendall(pdus[0])  # a new C-STORE command before the data set is complete
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    raw.settimeout(10)
+    try:
+        answer = raw.recv(1)
+        assert answer in (b"", b"\x07"), f"expected an A-ABORT or a closed connection: {answer!r}"
+    except ConnectionResetError:
+        pass
+    finally:
+        raw.close()
+        assoc.abort()
+    data_dir = one_process_node.config.storage.data_dir
+    assert _wait(lambda: _leftovers(data_dir) == []), "the cut-off data set stayed in the spool"
+    assert one_process_node.index.instance(str(ds.SOPInstanceUID)) is None
+    assert c_echo(one_process_node.port) == 0x0000
