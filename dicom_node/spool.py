@@ -164,6 +164,18 @@ class StagedFile:
             self._flushed = self.size
         return length
 
+    def complete(self) -> None:
+        """Every byte is in: start flushing the rest now, while the data set is being checked."""
+        fd = self._fd
+        if (
+            self.error is None
+            and fd is not None
+            and self.size > self._flushed
+            and self._flush_done()
+        ):
+            self._flush = _flusher().submit(os.fdatasync, fd)
+            self._flushed = self.size
+
     def _flush_done(self) -> bool:
         """True when no background flush is running; keeps the error of one that failed."""
         flush = self._flush
@@ -196,8 +208,10 @@ class StagedFile:
             raise OutOfResources(f"cannot store: {self.error.strerror or self.error}")
         if self._fd is None:
             raise OutOfResources("cannot store: the file was closed before it was complete")
+        if self._flushed == self.size:
+            return  # the background flush that just ended covered every byte
         try:
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
         except OSError as exc:
             raise OutOfResources(f"cannot store: {exc.strerror or exc}") from exc
 

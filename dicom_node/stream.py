@@ -452,6 +452,7 @@ class StreamingDUL(DULServiceProvider):
             direct.staged.write(body[start:end])
         if not fragments or not fragments[-1][2]:
             return _Step.MORE
+        direct.staged.complete()
         self._direct = None
         return self._answer(direct)
 
@@ -518,6 +519,7 @@ class StreamingDUL(DULServiceProvider):
             staged.write(body[start:end])
         last = fragments[-1][2]
         if last:
+            staged.complete()
             # Let pynetdicom complete the message as if the last fragment were empty.
             item = struct.pack(">LBB", 2, cast(int, message.context_id), _LAST_FRAGMENT)
             self._queue_pdu(struct.pack(">BBL", _P_DATA_TF, 0, len(item)) + item)
