@@ -309,35 +309,50 @@ class StreamingDUL(DULServiceProvider):
     def _read_pdu_data(self) -> None:
         # While C-STOREs stream in, read their PDUs back to back: returning to pynetdicom's
         # reactor after a PDU that raised no event would cost a 1 ms sleep per PDU.
-        while True:
-            direct = self._direct
-            message = None if direct is not None else self._receiving_store()
-            if direct is None and message is None and not self._takes_commands():
-                super()._read_pdu_data()
-                return
-            read = self._read_pdu()
-            if read is None:
-                return
-            head, body = read
-            step = _Step.DONE
-            if head[0] == _P_DATA_TF:
-                if direct is not None:
-                    step = self._continue_direct(direct, body)
-                elif message is not None:
-                    streamed = self._stream(message, body)
-                    if streamed is None:
-                        self._queue_pdu(head + bytes(body))
-                    elif not streamed.last:
-                        step = _Step.MORE
-                else:
-                    step = self._start_direct(head, body)
-            else:
-                if direct is not None:  # an abort or a release in the middle of a data set
-                    self._drop_direct()
-                self._queue_pdu(head + bytes(body))
-            if step is _Step.DONE or not self._more_data_soon():
-                return
-            self._idle_timer.restart()  # a long run of PDUs here is activity, not idleness
+        checkpoint = self.assoc._reactor_checkpoint
+        paused = False
+        try:
+            while True:
+                direct = self._direct
+                message = None if direct is not None else self._receiving_store()
+                if direct is None and message is None and not self._takes_commands():
+                    super()._read_pdu_data()
+                    return
+                read = self._read_pdu()
+                if read is None:
+                    return
+                step = self._dispatch(*read, direct, message)
+                if self._direct is not None and not paused:
+                    # The association thread has nothing to do while this reader answers the
+                    # C-STOREs: it waits instead of polling every millisecond. It goes on as
+                    # soon as this loop returns to the reactor.
+                    checkpoint.clear()
+                    paused = True
+                if step is _Step.DONE or not self._more_data_soon():
+                    return
+                self._idle_timer.restart()  # a long run of PDUs here is activity, not idleness
+        finally:
+            if paused:
+                checkpoint.set()
+
+    def _dispatch(
+        self, head: bytes, body: memoryview, direct: DirectStore | None, message: C_STORE_RQ | None
+    ) -> _Step:
+        """Take one PDU: a piece of a data set, a new C-STORE, or something for pynetdicom."""
+        if head[0] != _P_DATA_TF:
+            if direct is not None:  # an abort or a release in the middle of a data set
+                self._drop_direct()
+            self._queue_pdu(head + bytes(body))
+            return _Step.DONE
+        if direct is not None:
+            return self._continue_direct(direct, body)
+        if message is None:
+            return self._start_direct(head, body)
+        streamed = self._stream(message, body)
+        if streamed is None:
+            self._queue_pdu(head + bytes(body))
+            return _Step.DONE
+        return _Step.DONE if streamed.last else _Step.MORE
 
     def _read_pdu(self) -> tuple[bytes, memoryview] | None:
         """The next PDU's header and body (a view of the reused buffer); None if it ended."""
