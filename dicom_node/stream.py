@@ -1,22 +1,28 @@
-"""C-STORE data sets written into the spool as their PDUs arrive.
+"""C-STORE requests taken off the wire by the upper-layer reader, data sets written as they arrive.
 
 Stock pynetdicom reads a PDU in 4 KiB pieces, copies every fragment twice more on its way into an
-in-memory buffer, and hands the handler the whole data set at the end; the handler then writes
-and fsyncs it, one step after the other. For a 10 MB chest X-ray that is most of the time the
-sender waits for its answer. Here, while a C-STORE request's data set is arriving, the upper-layer
-reader takes each P-DATA-TF PDU itself: it reads the PDU into one reused buffer and writes the
-fragments straight into a ``StagedFile`` under the spool's ``.incoming/`` folder, which starts the
-disk writing as it goes. When the last fragment is in, pynetdicom gets an empty last fragment and
-finishes the message as usual; the C-STORE handler then finds the data set in the file
-(``request._dataset_file``, the attribute pynetdicom uses for data sets it keeps in files), checks
-it in place and publishes it. Its answer, a plain C-STORE-RSP, is encoded directly rather than
-through pydicom. Anything else (association set-up, commands, other services, a PDU that mixes a
-command with data) takes pynetdicom's own path unchanged.
+in-memory buffer, decodes the command into a pydicom data set, hands the message to the
+association thread (which looks for work every millisecond) and encodes the answer through pydicom
+again; the handler then writes and fsyncs the data set, one step after the other. For a CT slice
+that machinery cost more than the disk; for a 10 MB chest X-ray the copies and the late write were
+most of the time the sender waited.
 
-This relies on pynetdicom's upper-layer internals (``DULServiceProvider._read_pdu_data``, the
-DIMSE message being assembled, the data-set file attributes, ``DIMSEServiceProvider.send_msg``),
-which is why pyproject.toml pins
-pynetdicom to the 3.0 series; tests/dicom_node/test_stream.py pins down the behaviour.
+Here the upper-layer reader (``StreamingDUL``) does it itself for a plain C-STORE: it reads each
+PDU into one reused buffer, recognises a whole C-STORE-RQ command set (``parse_store_request``),
+writes the data-set fragments straight into a ``StagedFile`` under the spool's ``.incoming/``
+folder (the disk flushes start as it goes, the last one when the data set is complete), calls the
+store handler on its own thread with a ``DirectStore`` and sends the C-STORE-RSP PDU itself. The
+upper-layer state stays Sta6 throughout, as it would, and the association thread waits while the
+C-STOREs flow. Anything else (association set-up and release, other services, a command in
+pieces, a PDU that mixes a command with data, an association with its own DIMSE or PDU event
+handlers or pynetdicom's INFO log on) takes pynetdicom's path; a C-STORE data set there is still
+written into a staged file as it arrives (``request._dataset_file``, the attribute pynetdicom uses
+for data sets it keeps in files), and a plain response is still encoded directly.
+
+This relies on pynetdicom's upper-layer internals (``DULServiceProvider._read_pdu_data``, its
+queues and state machine, the DIMSE message being assembled, the association's reactor
+checkpoint, ``DIMSEServiceProvider.send_msg``), which is why pyproject.toml pins pynetdicom to the
+3.0 series; tests/dicom_node/test_stream.py pins down the behaviour.
 """
 
 from __future__ import annotations
