@@ -43,6 +43,22 @@ def _wait(condition: object, timeout: float = 10.0) -> bool:
     return False
 
 
+def _assert_cut_off_left_nothing(node: DicomNode, sop_instance_uid: str) -> None:
+    """After a data set was cut off: no staged file, no index row, and the listener answers."""
+    data_dir = node.config.storage.data_dir
+    assert _wait(lambda: _leftovers(data_dir) == []), "the cut-off data set stayed in the spool"
+    assert node.index.instance(sop_instance_uid) is None
+    assert c_echo(node.port) == 0x0000
+
+
+def _cut_off_store(node: DicomNode, image: Path, calling_aet: str) -> Any:
+    """An association that sent a C-STORE command and the first few PDUs of its data set only."""
+    assoc, sock, pdus = _raw_store(node, image, calling_aet)
+    for pdu in pdus[:5]:
+        sock.sendall(pdu)
+    return assoc, sock, pdus
+
+
 def _raw_store(node: DicomNode, image: Path, calling_aet: str) -> tuple[Any, Any, list[bytes]]:
     """An association to ``node``, its socket, and the encoded PDUs of a C-STORE of ``image``.
 
@@ -104,9 +120,7 @@ def test_sender_that_dies_mid_image_leaves_nothing_and_the_listener_keeps_servin
     )
     assoc.abort()
 
-    assert _wait(lambda: _leftovers(data_dir) == []), "a cut-off data set stayed in the spool"
-    assert node.index.instance(str(ds.SOPInstanceUID)) is None
-    assert c_echo(node.port) == 0x0000
+    _assert_cut_off_left_nothing(node, str(ds.SOPInstanceUID))
     assert send_raw(image, node.port, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) == 0x0000
     assert node.index.instance(str(ds.SOPInstanceUID)) is not None
 
@@ -345,18 +359,13 @@ def test_command_in_the_middle_of_a_data_set_aborts_and_leaves_nothing(
 ) -> None:
     [image] = small_study(tmp_path / "in", size=1600)
     ds = pydicom.dcmread(image)
-    assoc, sock, pdus = _raw_store(one_process_node, image, "MIXEDUP")
-    for pdu in pdus[:5]:
-        sock.sendall(pdu)
+    assoc, sock, pdus = _cut_off_store(one_process_node, image, "MIXEDUP")
     sock.sendall(pdus[0])  # a new C-STORE command before the data set is complete
     try:
         assert _wait(lambda: assoc.is_aborted), "the listener did not abort the association"
     finally:
         assoc.abort()
-    data_dir = one_process_node.config.storage.data_dir
-    assert _wait(lambda: _leftovers(data_dir) == []), "the cut-off data set stayed in the spool"
-    assert one_process_node.index.instance(str(ds.SOPInstanceUID)) is None
-    assert c_echo(one_process_node.port) == 0x0000
+    _assert_cut_off_left_nothing(one_process_node, str(ds.SOPInstanceUID))
 
 
 def test_echo_between_stores_on_one_association_is_answered(
@@ -390,16 +399,12 @@ def test_sender_stalling_mid_image_is_dropped_at_the_network_timeout(
 ) -> None:
     [image] = small_study(tmp_path / "in", size=1600)
     ds = pydicom.dcmread(image)
-    assoc, sock, pdus = _raw_store(one_process_node, image, "STALLED")
-    for pdu in pdus[:5]:
-        sock.sendall(pdu)  # then nothing more, and the connection stays open
+    assoc, _sock, _pdus = _cut_off_store(one_process_node, image, "STALLED")
+    # Nothing more, and the connection stays open.
     try:
         assert _wait(lambda: not assoc.is_established, timeout=30), (
             "the stalled association was still open 30 s later (network timeout 2 s)"
         )
     finally:
         assoc.abort()
-    data_dir = one_process_node.config.storage.data_dir
-    assert _wait(lambda: _leftovers(data_dir) == []), "the cut-off data set stayed in the spool"
-    assert one_process_node.index.instance(str(ds.SOPInstanceUID)) is None
-    assert c_echo(one_process_node.port) == 0x0000
+    _assert_cut_off_left_nothing(one_process_node, str(ds.SOPInstanceUID))
