@@ -408,3 +408,54 @@ def test_sender_stalling_mid_image_is_dropped_at_the_network_timeout(
     finally:
         assoc.abort()
     _assert_cut_off_left_nothing(one_process_node, str(ds.SOPInstanceUID))
+
+
+def test_cheap_copy_of_the_supported_contexts_is_a_whole_deep_copy() -> None:
+    import copy
+
+    from dicom_node.scp import build_ae
+    from dicom_node.settings import ListenerSettings
+    from dicom_node.stream import CheapCopyContexts
+
+    contexts = build_ae(ListenerSettings()).supported_contexts
+    cheap = copy.deepcopy(CheapCopyContexts(contexts))
+    deep = copy.deepcopy(contexts)
+    assert [vars(c) for c in cheap] == [vars(c) for c in deep]
+    assert all(a is not b for a, b in zip(cheap, contexts, strict=True))
+    cheap[0].add_transfer_syntax("1.2.840.10008.1.2.4.201")  # HTJ2K lossless
+    cheap[0].context_id = 1
+    assert "1.2.840.10008.1.2.4.201" not in contexts[0].transfer_syntax
+    assert contexts[0].context_id is None
+
+
+def test_remembered_uid_verdicts_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom.uid import UID
+    from pynetdicom import _config
+    from pynetdicom._validators import validate_ui
+
+    from dicom_node.stream import lighter_uid_checks
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", validate_ui)
+    lighter_uid_checks()
+    lighter_uid_checks()  # twice: wraps once
+    remembered = _config.VALIDATORS["UI"]
+    assert remembered is not validate_ui
+    samples = ["1.2.840.10008.1.1", "1.02.3", "1." + "2" * 64, "1.2.abc", ""]
+    for enforce in (False, True, False):
+        monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", enforce)
+        for value in samples * 2:
+            assert remembered(UID(value)) == validate_ui(UID(value)), (value, enforce)
+    assert remembered(42) == validate_ui(42)  # type: ignore[arg-type]
+
+
+def test_pynetdicom_log_asked_for_still_shows_the_listeners_associations(
+    one_process_node: DicomNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    [image] = small_study(tmp_path / "in")
+    caplog.set_level(logging.INFO, logger="pynetdicom")
+    result = storescu([image], host="127.0.0.1", port=one_process_node.port, called_aet="PACSAI")
+    assert result.returncode == 0, result.stderr
+    assert _wait(lambda: "Association Released" in caplog.text)
+    assert "Received Store Request" in caplog.text
