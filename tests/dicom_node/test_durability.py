@@ -249,3 +249,32 @@ def test_known_instance_sent_again_under_another_series_moves_when_replace_is_co
     assert record is not None and record.series_instance_uid == ds.SeriesInstanceUID
     assert _files_under(node.spool.root) == [Path(record.path)], "the old copy is removed"
     assert pydicom.dcmread(record.path).SeriesInstanceUID == ds.SeriesInstanceUID
+
+
+def test_staged_file_starts_writing_out_each_piece_as_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import sys
+
+    from dicom_node import spool
+
+    if sys.platform.startswith("linux"):
+        assert spool._writeback_starter() is not None, "sync_file_range not found in libc"
+    started: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int, flags: int) -> int:
+        started.append((offset, length))
+        return 0
+
+    monkeypatch.setattr(spool, "_start_writeback", record)
+    piece = os.urandom(100_000)
+    staged = spool.Spool(tmp_path / "spool").stage()
+    for _ in range(8):
+        staged.write(piece)
+    step = spool.WRITEBACK_STEP
+    assert [offset for offset, _ in started] == [0, 300_000]  # at 300 000 and 600 000 bytes
+    assert all(step <= length < step + len(piece) for _, length in started)
+    target = tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    staged.publish(target)
+    assert target.read_bytes() == piece * 8
