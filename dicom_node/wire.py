@@ -2,7 +2,8 @@
 
 pydicom reads a truncated value without complaint, so completeness is checked here by walking the
 element headers: every declared length must fit, every undefined-length sequence and item must
-close. Nothing is decoded and nothing is copied.
+close, and the items of every sequence are walked too (in implicit VR, and in UN, a sequence is
+known by its tag). Nothing is decoded and nothing is copied.
 """
 
 from __future__ import annotations
@@ -54,8 +55,19 @@ def _allowed_vrs(tag: int) -> frozenset[bytes] | None:
     return frozenset(vr.strip().encode() for vr in entry.split(" or ")) | {b"UN"}
 
 
-def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth: int) -> int:
-    """Walk an undefined-length sequence from ``pos``; return the position after its delimiter."""
+def _is_sequence(tag: int) -> bool:
+    """True for a public tag whose only VR in the data dictionary is SQ."""
+    allowed = _allowed_vrs(tag)
+    return allowed is not None and allowed - {b"UN"} == {b"SQ"}
+
+
+def _walk_items(
+    data: memoryview, pos: int, implicit: bool, little: bool, depth: int, fragments: bool
+) -> int:
+    """Walk an undefined-length sequence from ``pos``; return the position after its delimiter.
+
+    ``fragments``: encapsulated pixel data, whose items hold compressed bytes, not data sets.
+    """
     while True:
         if pos + 8 > len(data):
             raise CorruptDataset(f"sequence not closed at byte {pos}")
@@ -71,11 +83,15 @@ def _walk_items(data: memoryview, pos: int, implicit: bool, little: bool, depth:
         else:
             if pos + length > len(data):
                 raise CorruptDataset(f"item at byte {pos - 8} runs past the end of the data")
+            if not fragments:
+                _walk_elements(data, pos, pos + length, implicit, little, depth + 1, in_item=False)
             pos += length
 
 
-def _walk_defined_sequence(data: memoryview, pos: int, end: int, little: bool, depth: int) -> None:
-    """Walk the items of an explicit VR sequence of defined length, which must fill it exactly."""
+def _walk_defined_sequence(
+    data: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int
+) -> None:
+    """Walk the items of a sequence of defined length, which must fill it exactly."""
     while pos < end:
         if pos + 8 > end:
             raise CorruptDataset(f"item header truncated at byte {pos}")
@@ -85,11 +101,11 @@ def _walk_defined_sequence(data: memoryview, pos: int, end: int, little: bool, d
         if tag != _ITEM:
             raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
         if length == _UNDEFINED:
-            pos = _walk_elements(data, pos, end, False, little, depth + 1, in_item=True)
+            pos = _walk_elements(data, pos, end, implicit, little, depth + 1, in_item=True)
             continue
         if pos + length > end:
             raise CorruptDataset(f"item at byte {pos - 8} runs past the end of its sequence")
-        _walk_elements(data, pos, pos + length, False, little, depth + 1, in_item=False)
+        _walk_elements(data, pos, pos + length, implicit, little, depth + 1, in_item=False)
         pos += length
 
 
@@ -143,7 +159,8 @@ def _walk_elements(
         if length == _UNDEFINED:
             # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
             inner_implicit = implicit or vr == b"UN"
-            pos = _walk_items(data, pos, inner_implicit, little, depth)
+            fragments = tag in _PIXEL_TAGS or vr in (b"OB", b"OW")
+            pos = _walk_items(data, pos, inner_implicit, little, depth, fragments)
             continue
         if pos + length > end:
             name = "pixel data" if tag == _PIXEL_DATA else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -151,7 +168,11 @@ def _walk_elements(
                 f"{name} declares {length} bytes but only {end - pos} remain: data set truncated"
             )
         if vr == b"SQ":
-            _walk_defined_sequence(data, pos, pos + length, little, depth)
+            _walk_defined_sequence(data, pos, pos + length, implicit, little, depth)
+        elif (implicit or vr == b"UN") and _is_sequence(tag):
+            # No VR on the wire (implicit VR, or UN holding implicit VR): the dictionary says it is
+            # a sequence, and pydicom will read it as one.
+            _walk_defined_sequence(data, pos, pos + length, True, little, depth)
         pos += length
     if in_item:
         raise CorruptDataset("item not closed before the end of the data")
