@@ -146,9 +146,9 @@ class StagedFile:
     megabyte rather than the whole image: on a virtual disk with a write-back cache the flush,
     not the write, is what takes the time. Between flushes the kernel is asked to start writing
     each ``WRITEBACK_STEP`` out as it arrives, so a flush mostly waits for bytes already on their
-    way (a 10 MB image: the wait after its last byte fell from about 15 to 7 ms). It also has the small file-object surface pynetdicom's
-    DIMSE layer uses for a data set it keeps in a file (``write``, ``file.flush``, ``name``,
-    ``close``).
+    way (a 10 MB image: the wait after its last byte fell from about 15 to 7-10 ms). It also has
+    the small file-object surface pynetdicom's DIMSE layer uses for a data set it keeps in a file
+    (``write``, ``file.flush``, ``name``, ``close``).
 
     A write error (disk full, I/O error) does not raise: pynetdicom would abort the association,
     and the sender must get 0xA700 instead. It is kept in ``error`` and raised by ``sync``.
