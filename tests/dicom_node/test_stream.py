@@ -429,6 +429,7 @@ def test_cheap_copy_of_the_supported_contexts_is_a_whole_deep_copy() -> None:
 
 
 def test_remembered_uid_verdicts_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom import config as pydicom_config
     from pydicom.uid import UID
     from pynetdicom import _config
     from pynetdicom._validators import validate_ui
@@ -436,10 +437,16 @@ def test_remembered_uid_verdicts_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch
     from dicom_node.stream import lighter_uid_checks
 
     monkeypatch.setitem(_config.VALIDATORS, "UI", validate_ui)
-    lighter_uid_checks()
-    lighter_uid_checks()  # twice: wraps once
+    saved_mode = pydicom_config.settings.reading_validation_mode
+    try:
+        lighter_uid_checks()
+        lighter_uid_checks()  # twice: wraps once
+        assert pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE
+    finally:
+        pydicom_config.settings.reading_validation_mode = saved_mode
     remembered = _config.VALIDATORS["UI"]
     assert remembered is not validate_ui
+    assert remembered.validate is validate_ui  # type: ignore[attr-defined]
     samples = ["1.2.840.10008.1.1", "1.02.3", "1." + "2" * 64, "1.2.abc", ""]
     for enforce in (False, True, False):
         monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", enforce)
