@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dicom_node.errors import OutOfResources
 from dicom_node.index import Index, InstanceRecord, JobStatus, StudyStatus
 
 
@@ -122,3 +127,119 @@ def test_concurrent_instances_of_one_study_are_all_counted(index: Index) -> None
     study = index.study("1.2.3")
     assert study is not None and study.instance_count == 20
     assert len(index.study_instances("1.2.3")) == 20
+
+
+class _Commits:
+    """Counts the transactions the index's instance rows went in (the real commit still runs)."""
+
+    def __init__(self, index: Index) -> None:
+        self.count = 0
+        self.rows = 0
+        self._group = group = index._rows
+        real = group._commit
+
+        def counted(take: Callable[[], list[Any]]) -> None:
+            def counted_take() -> list[Any]:
+                rows = take()
+                self.rows += len(rows)
+                return rows
+
+            self.count += 1
+            real(counted_take)
+
+        group._commit = counted
+
+    def wait_all_in(self, count: int) -> None:
+        """Until ``count`` rows are queued or inside a transaction (their threads are waiting)."""
+        deadline = time.monotonic() + 30
+        while self.rows + len(self._group._queue) < count:
+            assert time.monotonic() < deadline, "the stores never reached the index"
+            time.sleep(0.01)
+
+
+def _store_at_once(index: Index, sops: list[str]) -> tuple[list[threading.Thread], list[Any]]:
+    """One thread per instance, as associations would; each one's result, in the same order."""
+    results: list[Any] = [None] * len(sops)
+
+    def store(position: int, sop: str) -> None:
+        try:
+            results[position] = index.record_instance(
+                record(sop), urgent=False, complete_after=200.0
+            )
+        except OutOfResources as exc:
+            results[position] = exc
+
+    threads = [threading.Thread(target=store, args=item) for item in enumerate(sops)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+@contextmanager
+def _index_busy(index: Index) -> Iterator[None]:
+    """Another writer holds the index (another listener process committing, say)."""
+    if index.engine.dialect.name == "sqlite":
+        other = sqlite3.connect(str(index.engine.url.database), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        return
+    with index.engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql("LOCK TABLE instances IN EXCLUSIVE MODE")
+        yield
+
+
+def test_instances_stored_at_once_share_commits_and_each_returns_recorded(index: Index) -> None:
+    commits = _Commits(index)
+    sops = [f"1.2.3.1.{i}" for i in range(1, 9)]
+    with _index_busy(index):
+        threads, results = _store_at_once(index, sops)
+        commits.wait_all_in(len(sops))
+        assert results == [None] * 8, "a store returned before its row could be committed"
+    for t in threads:
+        t.join()
+    assert results == [True] * 8
+    assert commits.count <= 2, f"{commits.count} commits for 8 rows stored at once"
+    study = index.study("1.2.3")
+    assert study is not None and study.instance_count == 8
+    assert {i.sop_instance_uid for i in index.study_instances("1.2.3")} == set(sops)
+
+
+def test_a_row_the_index_refuses_fails_alone_in_its_group(tmp_path: Path) -> None:
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        db.execute(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON instances "
+            "WHEN NEW.sop_instance_uid = '1.2.3.1.4' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    sops = [f"1.2.3.1.{i}" for i in range(1, 7)]
+    commits = _Commits(index)
+    try:
+        with _index_busy(index):
+            threads, results = _store_at_once(index, sops)
+            commits.wait_all_in(len(sops))
+        for t in threads:
+            t.join()
+        assert isinstance(results.pop(3), OutOfResources)  # 1.2.3.1.4
+        assert results == [True] * 5
+        assert index.instance("1.2.3.1.4") is None
+        study = index.study("1.2.3")
+        assert study is not None and study.instance_count == 5
+    finally:
+        index.close()
+
+
+def test_a_duplicate_in_the_same_group_is_recorded_once(index: Index) -> None:
+    commits = _Commits(index)
+    with _index_busy(index):
+        threads, results = _store_at_once(index, ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.1"])
+        commits.wait_all_in(3)
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True, True], "the second copy is a known instance"
+    assert len(index.study_instances("1.2.3")) == 2
+    study = index.study("1.2.3")
+    assert study is not None and study.instance_count == 2
