@@ -12,7 +12,8 @@ Runs as one thread beside the listener. Completion is a state machine kept in th
 
 Timers are rows in the index, so a study in flight when the process dies completes after restart;
 jobs the broker never accepted (broker down, crash between commit and publish) stay ``created`` and
-are handed over on a later pass. A study that gets an instance while it is being routed is left
+are handed over on a later pass, and queued jobs whose message went to an earlier run of the broker
+(it restarted, and may have lost it) go back to ``created`` and are handed over again. A study that gets an instance while it is being routed is left
 open and routed again after its new completion time.
 """
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 class JobSender(Protocol):
     def send(self, job_id: str, queue: str) -> None: ...
+
+    def broker_epoch(self) -> str | None: ...
 
 
 class StudyAssembler(BackgroundPass):
@@ -116,6 +119,14 @@ class StudyAssembler(BackgroundPass):
 
     def _publish_pending(self) -> int:
         published = 0
+        epoch = self.sender.broker_epoch()
+        if epoch is not None:
+            lost = self.index.requeue_lost_jobs(epoch)
+            if lost:
+                log.warning(
+                    "the broker restarted: %d queued job(s) it may have lost are handed over again",
+                    len(lost),
+                )
         for job in self.index.jobs_to_enqueue():
             try:
                 self.sender.send(job.job_id, job.queue)
@@ -129,6 +140,6 @@ class StudyAssembler(BackgroundPass):
             if self._broker_down_since is not None:
                 log.warning("broker back after %.1f s", time.time() - self._broker_down_since)
                 self._broker_down_since = None
-            self.index.mark_job_enqueued(job.job_id, time.time())
+            self.index.mark_job_enqueued(job.job_id, time.time(), epoch)
             published += 1
         return published

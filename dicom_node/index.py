@@ -117,6 +117,9 @@ jobs = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("result_json", sa.Text, nullable=True),
+    # Which broker instance took the job's message (Redis run_id): a broker that restarted
+    # without it may have lost the message, and the job is handed over again.
+    sa.Column("broker_epoch", sa.String(64), nullable=True),
 )
 
 outputs = sa.Table(
@@ -258,6 +261,7 @@ class JobRow:
     attempts: int
     error: str | None
     result: dict[str, Any] | None
+    broker_epoch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -824,14 +828,42 @@ class Index:
             )
         return job_id
 
-    def mark_job_enqueued(self, job_id: str, now: float) -> None:
+    def mark_job_enqueued(self, job_id: str, now: float, broker_epoch: str | None = None) -> None:
+        """The broker took the job's message; ``broker_epoch`` names that broker's run."""
         with self._tx() as conn:
             conn.execute(
                 jobs.update()
                 .where(jobs.c.job_id == job_id)
                 .where(jobs.c.status == JobStatus.CREATED)
-                .values(status=JobStatus.QUEUED, enqueued_at=now)
+                .values(status=JobStatus.QUEUED, enqueued_at=now, broker_epoch=broker_epoch)
             )
+
+    def requeue_lost_jobs(self, broker_epoch: str) -> list[str]:
+        """Queued jobs whose message went to an earlier run of the broker go back to created.
+
+        A broker that restarted may have lost them (Redis without persistence loses all; with
+        append-only fsync every second, the last second): the assembler hands them over again.
+        Should the old message survive, the job runs twice, which jobs are built to bear (their
+        outputs and deliveries are keyed by deterministic UIDs). Returns the job ids.
+        """
+        lost = (
+            (jobs.c.status == JobStatus.QUEUED)
+            & jobs.c.broker_epoch.is_not(None)
+            & (jobs.c.broker_epoch != broker_epoch)
+        )
+        with self._tx() as conn:
+            ids = [r.job_id for r in conn.execute(sa.select(jobs.c.job_id).where(lost)).all()]
+            if ids:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.job_id.in_(ids))
+                    .where(lost)
+                    .values(
+                        status=JobStatus.CREATED,
+                        error="the broker restarted after it took the job; handed over again",
+                    )
+                )
+        return ids
 
     def mark_job_error(self, job_id: str, error: str) -> None:
         """Record why a job could not be handed over (it stays created and is retried)."""

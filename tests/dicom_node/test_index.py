@@ -76,6 +76,32 @@ def test_release_makes_a_study_due_and_completion_creates_exactly_one_job(index:
     assert study is not None and study.status == StudyStatus.DONE and study.runs == 1
 
 
+def test_only_jobs_queued_on_an_earlier_run_of_the_broker_are_handed_over_again(
+    index: Index,
+) -> None:
+    def queued(study: str, epoch: str | None) -> str:
+        index.record_instance(record(study + ".1", study=study), urgent=False, complete_after=1.0)
+        job_id = index.create_job(study, "cxr", "routine", now=2.0)
+        assert job_id is not None
+        index.mark_job_enqueued(job_id, now=3.0, broker_epoch=epoch)
+        return job_id
+
+    before = queued("1.2.3", "run-a")
+    unknown = queued("1.2.4", None)  # queued before runs were recorded: nothing to compare
+    current = queued("1.2.5", "run-b")
+    running = queued("1.2.6", "run-a")
+    index.start_job(running, now=4.0)  # its worker has the message already
+
+    assert index.requeue_lost_jobs("run-b") == [before]
+    assert [j.job_id for j in index.jobs_to_enqueue()] == [before]
+    assert {j.job_id: j.status for j in map(index.job, [unknown, current, running]) if j} == {
+        unknown: JobStatus.QUEUED,
+        current: JobStatus.QUEUED,
+        running: JobStatus.RUNNING,
+    }
+    assert index.requeue_lost_jobs("run-b") == [], "a job goes back once"
+
+
 def test_late_instance_reopens_a_finished_study(index: Index) -> None:
     index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=100.0)
     job_id = index.create_job("1.2.3", "cxr", "routine", now=101.0)
