@@ -12,9 +12,11 @@ Runs as one thread beside the listener. Completion is a state machine kept in th
 
 Timers are rows in the index, so a study in flight when the process dies completes after restart;
 jobs the broker never accepted (broker down, crash between commit and publish) stay ``created`` and
-are handed over on a later pass, and queued jobs whose message went to an earlier run of the broker
-(it restarted, and may have lost it) go back to ``created`` and are handed over again. A study that gets an instance while it is being routed is left
-open and routed again after its new completion time.
+are handed over on a later pass. Queued jobs whose message went to an earlier run of the broker (it
+restarted, and may have lost it) go back to ``created`` and are handed over again, as do running
+ones of an earlier run that started more than the visibility timeout ago (their worker died). A
+study that gets an instance while it is being routed is left open and routed again after its new
+completion time.
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ class StudyAssembler(BackgroundPass):
         published = 0
         epoch = self.sender.broker_epoch()
         if epoch is not None:
-            lost = self.index.requeue_lost_jobs(epoch)
+            lost = self.index.requeue_lost_jobs(
+                epoch, running_started_before=time.time() - self.queues.visibility_timeout_s
+            )
             if lost:
                 log.warning(
-                    "the broker restarted: %d queued job(s) it may have lost are handed over again",
+                    "the broker restarted: %d job(s) it may have lost are handed over again",
                     len(lost),
                 )
         for job in self.index.jobs_to_enqueue():

@@ -838,19 +838,26 @@ class Index:
                 .values(status=JobStatus.QUEUED, enqueued_at=now, broker_epoch=broker_epoch)
             )
 
-    def requeue_lost_jobs(self, broker_epoch: str) -> list[str]:
-        """Queued jobs whose message went to an earlier run of the broker go back to created.
+    def requeue_lost_jobs(
+        self, broker_epoch: str, running_started_before: float | None = None
+    ) -> list[str]:
+        """Jobs whose message went to an earlier run of the broker go back to created.
 
         A broker that restarted may have lost them (Redis without persistence loses all; with
         append-only fsync every second, the last second): the assembler hands them over again.
-        Should the old message survive, the job runs twice, which jobs are built to bear (their
-        outputs and deliveries are keyed by deterministic UIDs). Returns the job ids.
+        That is every such queued job, and a running one that started before
+        ``running_started_before`` (the broker's visibility timeout ago, which exceeds the
+        longest job: its worker is gone, and the message the broker would have handed to
+        another worker went with the restart). Should an old message survive, the copy taken
+        second finds the job done; two taken at once run it twice, which jobs are built to bear
+        (their outputs and deliveries are keyed by deterministic UIDs). Returns the job ids.
         """
-        lost = (
-            (jobs.c.status == JobStatus.QUEUED)
-            & jobs.c.broker_epoch.is_not(None)
-            & (jobs.c.broker_epoch != broker_epoch)
-        )
+        stranded = jobs.c.status == JobStatus.QUEUED
+        if running_started_before is not None:
+            stranded = stranded | (
+                (jobs.c.status == JobStatus.RUNNING) & (jobs.c.started_at < running_started_before)
+            )
+        lost = stranded & jobs.c.broker_epoch.is_not(None) & (jobs.c.broker_epoch != broker_epoch)
         with self._tx() as conn:
             ids = [r.job_id for r in conn.execute(sa.select(jobs.c.job_id).where(lost)).all()]
             if ids:

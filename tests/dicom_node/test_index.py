@@ -76,7 +76,7 @@ def test_release_makes_a_study_due_and_completion_creates_exactly_one_job(index:
     assert study is not None and study.status == StudyStatus.DONE and study.runs == 1
 
 
-def test_only_jobs_queued_on_an_earlier_run_of_the_broker_are_handed_over_again(
+def test_only_jobs_stranded_by_an_earlier_run_of_the_broker_are_handed_over_again(
     index: Index,
 ) -> None:
     def queued(study: str, epoch: str | None) -> str:
@@ -90,16 +90,18 @@ def test_only_jobs_queued_on_an_earlier_run_of_the_broker_are_handed_over_again(
     unknown = queued("1.2.4", None)  # queued before runs were recorded: nothing to compare
     current = queued("1.2.5", "run-b")
     running = queued("1.2.6", "run-a")
-    index.start_job(running, now=4.0)  # its worker has the message already
+    index.start_job(running, now=100.0)  # its worker has the message, and may still run it
+    dead = queued("1.2.7", "run-a")
+    index.start_job(dead, now=4.0)  # started longer than the visibility timeout ago
 
-    assert index.requeue_lost_jobs("run-b") == [before]
-    assert [j.job_id for j in index.jobs_to_enqueue()] == [before]
+    assert set(index.requeue_lost_jobs("run-b", running_started_before=50.0)) == {before, dead}
+    assert {j.job_id for j in index.jobs_to_enqueue()} == {before, dead}
     assert {j.job_id: j.status for j in map(index.job, [unknown, current, running]) if j} == {
         unknown: JobStatus.QUEUED,
         current: JobStatus.QUEUED,
         running: JobStatus.RUNNING,
     }
-    assert index.requeue_lost_jobs("run-b") == [], "a job goes back once"
+    assert index.requeue_lost_jobs("run-b", running_started_before=50.0) == [], "once"
 
 
 def test_late_instance_reopens_a_finished_study(index: Index) -> None:
