@@ -165,13 +165,24 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
     index = Index(_settings(args).index_url)
     rows = index.list_studies(limit=args.limit)
-    print(f"{'last received':19}  {'status':10} {'mod':4} {'n':>4} {'urgent':6}  study / reason")
+    print(
+        f"{'last received':19}  {'status':10} {'mod':4} {'n':>4} {'urgent':6}  study / reason / job"
+    )
     for s in rows:
         print(
             f"{_when(s.last_received_at):19}  {s.status.value:10} {s.modality:4} "
             f"{s.instance_count:>4} {'yes' if s.urgent else '':6}  {s.study_instance_uid}"
             + (f"\n{'':49}{s.reason}" if s.reason else "")
         )
+        jobs = index.study_jobs(s.study_instance_uid)
+        if jobs:
+            # The latest run: why a study sits in queued or failed is in its job, not the study.
+            job = jobs[-1]
+            tries = f", {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+            print(
+                f"{'':49}job {job.pipeline} {job.status.value}{tries if job.attempts else ''}"
+                + (f": {job.error}" if job.error else "")
+            )
     index.close()
     return 0
 

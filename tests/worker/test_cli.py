@@ -152,3 +152,46 @@ def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
     assert main(["alerts", "list", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "pneumothorax" in out and "by dr.er" in out
+
+
+def test_studies_shows_each_study_s_latest_job_and_why_it_waits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.index import Index, InstanceRecord
+    from worker.settings import Settings, write_settings
+
+    settings = Settings()
+    settings.storage.data_dir = tmp_path / "data"
+    config = tmp_path / "site.yaml"
+    write_settings(settings, config)
+    index = Index(settings.index_url)
+    for study in ("1.2.3", "1.2.4"):
+        index.record_instance(
+            InstanceRecord(
+                sop_instance_uid=study + ".1.1",
+                study_instance_uid=study,
+                series_instance_uid=study + ".1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                modality="CR",
+                path=f"/spool/{study}.dcm",
+                size_bytes=10,
+                calling_aet="MODALITY",
+                received_at=100.0,
+            ),
+            urgent=False,
+            complete_after=130.0,
+        )
+    waiting = index.create_job("1.2.3", "cxr", "urgent", now=131.0)
+    assert waiting is not None
+    index.mark_job_error(waiting, "broker unavailable: ConnectionError: refused")
+    done = index.create_job("1.2.4", "cxr", "routine", now=131.0)
+    assert done is not None
+    index.start_job(done, now=132.0)
+    index.finish_job(done, now=133.0, result={})
+    index.close()
+
+    assert main(["studies", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "job cxr created: broker unavailable: ConnectionError: refused" in out
+    assert "job cxr done, 1 attempt\n" in out
