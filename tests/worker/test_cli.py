@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.index import Index
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.settings import CompletionSettings, ListenerSettings, QueueSettings, StorageSettings
 from tests.dicom_node.helpers import small_study
@@ -133,17 +134,21 @@ def test_invalid_settings_file_stops_with_the_offending_key(
     assert "portt" in str(exit_info.value.code)
 
 
-def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from dicom_node.index import Index
+def _site_with_index(tmp_path: Path) -> tuple[Path, Index]:
+    """A site file with default settings and the index it names, open."""
     from worker.settings import Settings, write_settings
 
     settings = Settings()
     settings.storage.data_dir = tmp_path / "data"
     config = tmp_path / "site.yaml"
     write_settings(settings, config)
-    index = Index(settings.index_url)
+    return config, Index(settings.index_url)
+
+
+def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, index = _site_with_index(tmp_path)
     alert_id, _ = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.97, now=1.0, payload={})
     index.close()
     assert main(["alerts", "ack", str(alert_id), "--by", "dr.er", "--config", str(config)]) == 0
@@ -157,14 +162,9 @@ def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
 def test_studies_shows_each_study_s_latest_job_and_why_it_waits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicom_node.index import Index, InstanceRecord
-    from worker.settings import Settings, write_settings
+    from dicom_node.index import InstanceRecord
 
-    settings = Settings()
-    settings.storage.data_dir = tmp_path / "data"
-    config = tmp_path / "site.yaml"
-    write_settings(settings, config)
-    index = Index(settings.index_url)
+    config, index = _site_with_index(tmp_path)
     for study in ("1.2.3", "1.2.4"):
         index.record_instance(
             InstanceRecord(
