@@ -16,12 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -37,7 +37,13 @@ from dicom_node.settings import CompletionSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
 from dicom_node.spool import Spool, StagedFile, is_valid_uid
 from dicom_node.stream import DirectStore, file_preamble
-from dicom_node.wire import check_complete
+from dicom_node.wire import REQUESTED_PROCEDURE_PRIORITY, check_complete
+
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+MODALITY = 0x00080060
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
 
 log = logging.getLogger(__name__)
 
@@ -49,60 +55,66 @@ PROCESSING_FAILURE = 0x0110
 NO_SUCH_EVENT_TYPE = 0x0113
 
 
-def _is_stat(header: Dataset) -> bool:
-    """RequestedProcedurePriority STAT, at the top level or in the Request Attributes Sequence."""
-    priorities = [str(header.get("RequestedProcedurePriority", ""))]
-    for item in header.get("RequestAttributesSequence", []) or []:
-        priorities.append(str(item.get("RequestedProcedurePriority", "")))
-    return any(p.strip().upper() == "STAT" for p in priorities)
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the listener reads of every instance it keeps."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str  # as sent, "" when absent
+    stat: bool  # RequestedProcedurePriority STAT, at the top level or in a requested procedure
 
 
 def check_instance(
     stream: bytes | memoryview, ts: UID, sop_class_uid: str | None, sop_instance_uid: str | None
-) -> Dataset:
-    """The checks every received data set passes before it is kept; return its header.
+) -> InstanceHeader:
+    """The checks every received data set passes before it is kept; return what it says.
 
     ``stream`` is the encoded data set in transfer syntax ``ts``; the UIDs are those the C-STORE
     request named. Raises ``CorruptDataset`` (answer 0xC000) or ``DatasetMismatch`` (0xA900).
+    The values come from the structural walk itself (``dicom_node.wire``), not from pydicom.
     Used by the listener and by ``pacs-ai quarantine retry``.
     """
-    try:
-        layout = check_complete(
-            stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
-        )
-        # Only the header is copied and parsed; the walk above found where the pixels start.
-        header = read_dataset(
-            BytesIO(bytes(memoryview(stream)[: layout.header_end])),
-            ts.is_implicit_VR,
-            ts.is_little_endian,
-        )
-        # Touch the values now so a malformed value fails here, not later in a worker.
-        values = {
-            keyword: str(header.get(keyword, "") or "")
-            for keyword in (
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "SeriesInstanceUID",
-                "Modality",
+    layout = check_complete(
+        stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
+    )
+    header = InstanceHeader(
+        sop_class_uid=layout.text(SOP_CLASS_UID),
+        sop_instance_uid=layout.text(SOP_INSTANCE_UID),
+        study_instance_uid=layout.text(STUDY_INSTANCE_UID),
+        series_instance_uid=layout.text(SERIES_INSTANCE_UID),
+        modality=layout.text(MODALITY),
+        stat=any(
+            _is_stat(value)
+            for value in (
+                layout.values.get(REQUESTED_PROCEDURE_PRIORITY, b""),
+                *layout.request_priorities,
             )
-        }
-    except CorruptDataset:
-        raise
-    except Exception as exc:  # pydicom raises many types on garbage
-        raise CorruptDataset(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not values[keyword]:
+        ),
+    )
+    for keyword, value in (
+        ("SOPClassUID", header.sop_class_uid),
+        ("SOPInstanceUID", header.sop_instance_uid),
+        ("StudyInstanceUID", header.study_instance_uid),
+        ("SeriesInstanceUID", header.series_instance_uid),
+    ):
+        if not value:
             raise DatasetMismatch(f"required attribute {keyword} is missing or empty")
-        if not is_valid_uid(values[keyword]):
+        if not is_valid_uid(value):
             raise DatasetMismatch(f"{keyword} is not a valid UID")
-    if values["SOPClassUID"] != sop_class_uid:
+    if header.sop_class_uid != sop_class_uid:
         raise DatasetMismatch("SOP Class UID in the data set differs from the request")
-    if values["SOPInstanceUID"] != sop_instance_uid:
+    if header.sop_instance_uid != sop_instance_uid:
         raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
-    if values["SOPClassUID"] in IMAGE_STORAGE and not layout.has_pixels:
+    if header.sop_class_uid in IMAGE_STORAGE and not layout.has_pixels:
         raise DatasetMismatch("image SOP class without pixel data")
     return header
+
+
+def _is_stat(priority: bytes) -> bool:
+    return priority.decode("latin-1").strip("\x00 ").upper() == "STAT"
 
 
 class StorageSCP:
@@ -169,7 +181,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         try:
             header = self._parse(staged, transfer_syntax, sop_class_uid, sop_instance_uid)
-            sop_uid = str(header.SOPInstanceUID)
+            sop_uid = header.sop_instance_uid
             study_uid, modality = self.store_instance(
                 header,
                 staged,
@@ -288,7 +300,7 @@ class StorageSCP:
 
     def _parse(
         self, staged: StagedFile, transfer_syntax: UID, sop_class_uid: str, sop_instance_uid: str
-    ) -> Dataset:
+    ) -> InstanceHeader:
         if staged.error is not None:
             raise OutOfResources(f"cannot store: {staged.error.strerror or staged.error}")
         with staged.mapped() as whole:
@@ -298,7 +310,7 @@ class StorageSCP:
 
     def store_instance(
         self,
-        header: Dataset,
+        header: InstanceHeader,
         staged: StagedFile,
         transfer_syntax: str,
         calling_aet: str,
@@ -316,16 +328,16 @@ class StorageSCP:
 
     def _keep(
         self,
-        header: Dataset,
+        header: InstanceHeader,
         staged: StagedFile,
         transfer_syntax: str,
         calling_aet: str,
         called_aet: str | None,
     ) -> tuple[str, str]:
-        sop_uid = str(header.SOPInstanceUID)
-        study_uid = str(header.StudyInstanceUID)
-        series_uid = str(header.SeriesInstanceUID)
-        modality = str(header.get("Modality", "") or "OT").strip().upper()
+        sop_uid = header.sop_instance_uid
+        study_uid = header.study_instance_uid
+        series_uid = header.series_instance_uid
+        modality = (header.modality or "OT").upper()
         target = self.spool.path_for(study_uid, series_uid, sop_uid)
         # Idempotent: a sender retrying after a lost response must not create a duplicate. A
         # known instance whose file has gone is stored again rather than acknowledged unkept.
@@ -343,7 +355,7 @@ class StorageSCP:
             sop_instance_uid=sop_uid,
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
-            sop_class_uid=str(header.SOPClassUID),
+            sop_class_uid=header.sop_class_uid,
             transfer_syntax_uid=transfer_syntax,
             modality=modality,
             path=str(target),
@@ -352,7 +364,7 @@ class StorageSCP:
             received_at=now,
             called_aet=called_aet,
         )
-        urgent, complete_after = _is_stat(header), now + fallback
+        urgent, complete_after = header.stat, now + fallback
         if known is not None:
             # Replace: the old file stays whole until the index row describes the new one.
             with self.spool.replacing(study_uid, series_uid, sop_uid, staged):

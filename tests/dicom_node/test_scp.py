@@ -93,6 +93,45 @@ def test_resending_an_instance_is_an_idempotent_success(node: DicomNode, tmp_pat
     assert study is not None and study.instance_count == 1
 
 
+def test_stat_priority_marks_the_study_urgent_at_the_top_level_or_in_a_requested_procedure(
+    node: DicomNode, tmp_path: Path
+) -> None:
+    from pydicom.dataset import Dataset
+
+    def requested(priority: str) -> Dataset:
+        item = Dataset()
+        item.RequestedProcedureID = "RP1"
+        item.RequestedProcedurePriority = priority
+        return item
+
+    variants = {
+        "plain": lambda ds: None,
+        "top-level STAT": lambda ds: setattr(ds, "RequestedProcedurePriority", "STAT"),
+        "STAT in a requested procedure": lambda ds: setattr(
+            ds, "RequestAttributesSequence", [requested("ROUTINE"), requested("STAT")]
+        ),
+        "ROUTINE in a requested procedure": lambda ds: setattr(
+            ds, "RequestAttributesSequence", [requested("ROUTINE")]
+        ),
+    }
+    studies = {}
+    for seed, (name, mark) in enumerate(variants.items(), start=1):
+        path = small_study(tmp_path / name, seed=seed, patient_id=f"T-{seed:04d}")[0]
+        ds = pydicom.dcmread(path)
+        mark(ds)
+        ds.save_as(path)
+        result = storescu([path], host="127.0.0.1", port=node.port, called_aet="PACSAI")
+        assert result.returncode == 0, result.stderr
+        studies[name] = node.index.study(str(ds.StudyInstanceUID))
+    urgent = {name: study is not None and study.urgent for name, study in studies.items()}
+    assert urgent == {
+        "plain": False,
+        "top-level STAT": True,
+        "STAT in a requested procedure": True,
+        "ROUTINE in a requested procedure": False,
+    }
+
+
 def test_truncated_instance_gets_failure_status_is_quarantined_and_listener_keeps_serving(
     node: DicomNode, tmp_path: Path
 ) -> None:
