@@ -296,7 +296,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # Wait for a lock rather than fail: several listener processes open the index at once.
     cursor.execute("PRAGMA busy_timeout=30000")
-    # WAL lets readers run beside the one writer; FULL makes a committed row survive power loss.
+    # WAL lets readers run beside the one writer; FULL makes a committed row survive power loss
+    # (all but instance rows: Index.rows_wait_for_disk).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
@@ -574,7 +575,7 @@ class Index:
         """
         rows: list[_PendingRow] = []
         try:
-            with self._driver_tx() as cursor:
+            with self._driver_tx(wait_for_disk=False) as cursor:
                 rows = take()
                 for row in rows:
                     row.fresh = self._insert_row(cursor, row)
@@ -609,18 +610,37 @@ class Index:
             statements.update_study.run(cursor, values)
         return True
 
+    @property
+    def rows_wait_for_disk(self) -> bool:
+        """False when an instance row's commit returns before the disk has it (SQLite).
+
+        SQLite (WAL) commits instance rows with ``synchronous=NORMAL``: the row is in the
+        write-ahead log and every connection sees it, a killed process loses nothing, but the
+        log is flushed to the disk only by the next commit that waits for it (every other write
+        here does, and so does each checkpoint). A power loss or kernel crash can thus lose the
+        last rows, never their files, which were flushed and renamed into place before the row
+        was written: ``dicom_node.recovery`` indexes such files again when the node next starts.
+        On PostgreSQL every commit waits for the disk.
+        """
+        return self.engine.dialect.name != "sqlite"
+
     @contextmanager
-    def _driver_tx(self) -> Iterator[Any]:
+    def _driver_tx(self, *, wait_for_disk: bool = True) -> Iterator[Any]:
         """A write transaction on the pooled DBAPI connection itself, for the per-instance row.
 
+        ``wait_for_disk=False``: on SQLite, commit without flushing the log (``rows_wait_for_disk``).
         A connection whose statement failed is replaced: a SQLite connection whose statement
         failed inside a trigger went on failing after the trigger was dropped.
         """
+        sqlite = self.engine.dialect.name == "sqlite"
+        relaxed = sqlite and not wait_for_disk
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()
             try:
-                if self.engine.dialect.name == "sqlite":
+                if relaxed:
+                    cursor.execute("PRAGMA synchronous=NORMAL")
+                if sqlite:
                     cursor.execute("BEGIN IMMEDIATE")  # driver autocommit: see _sqlite_pragmas
                 yield cursor
                 conn.commit()
@@ -630,10 +650,21 @@ class Index:
                 conn.invalidate()
                 raise
             finally:
+                if relaxed and conn.dbapi_connection is not None:
+                    try:  # every other write on this pooled connection waits for the disk
+                        cursor.execute("PRAGMA synchronous=FULL")
+                    except Exception:
+                        conn.invalidate()
                 with suppress(Exception):
                     cursor.close()
         finally:
             conn.close()  # back to the pool (an invalidated one is replaced)
+
+    def latest_received_at(self) -> float | None:
+        """When the most recently received instance in the index arrived (None: none yet)."""
+        with self._read() as conn:
+            value = conn.execute(sa.select(sa.func.max(instances.c.received_at))).scalar()
+        return None if value is None else float(value)
 
     def release_studies(self, study_uids: Sequence[str], now: float) -> None:
         """The sending association released: these (CR/DX) studies are complete now."""

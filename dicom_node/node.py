@@ -14,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.assembly import StudyAssembler
 from dicom_node.index import Index
 from dicom_node.quarantine import Quarantine
+from dicom_node.recovery import recover_after_boot
 from dicom_node.scp import StorageSCP, build_ae, handlers
 from dicom_node.server import (
     ListenerPool,
@@ -134,6 +135,8 @@ class DicomNode:
         swept = self.spool.sweep_partials()
         if swept:
             log.warning("removed %d partial files left by an interrupted write", swept)
+        # Index rows a power loss took (SQLite commits them without waiting for the disk).
+        recover_after_boot(self.scp, self.config.storage.data_dir)
         listener = self.config.listener
         if self.processes == 1:
             ae = build_ae(listener)

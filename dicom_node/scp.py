@@ -30,7 +30,7 @@ from pynetdicom.events import Event
 
 from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
 from dicom_node.index import Index, InstanceRecord
-from dicom_node.quarantine import Quarantine
+from dicom_node.quarantine import Quarantine, split_file
 from dicom_node.scu import STORAGE_COMMITMENT
 from dicom_node.security import ListenerAE
 from dicom_node.settings import CompletionSettings, ListenerSettings
@@ -293,6 +293,8 @@ class StorageSCP:
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
             str(event.context.transfer_syntax),
+            event.assoc.requestor.ae_title,
+            event.assoc.acceptor.ae_title,
         )
         staged = self.spool.stage([preamble, cast(BytesIO, request.DataSet).getvalue()])
         staged.dataset_offset = len(preamble)
@@ -347,24 +349,10 @@ class StorageSCP:
         if known is not None and self._keeps(known):
             return study_uid, modality
         now = time.time()
-        fallback = self.completion.quiet_period_s
-        if modality in self.completion.complete_at_release:
-            # Completes at release; this only matters if the association never releases.
-            fallback = max(fallback, self.listener.network_timeout_s)
-        record = InstanceRecord(
-            sop_instance_uid=sop_uid,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=transfer_syntax,
-            modality=modality,
-            path=str(target),
-            size_bytes=staged.size,
-            calling_aet=calling_aet,
-            received_at=now,
-            called_aet=called_aet,
+        record = self._record(
+            header, target, staged.size, transfer_syntax, calling_aet, called_aet, received_at=now
         )
-        urgent, complete_after = header.stat, now + fallback
+        urgent, complete_after = header.stat, self._complete_after(modality, now)
         if known is not None:
             # Replace: the old file stays whole until the index row describes the new one.
             with self.spool.replacing(study_uid, series_uid, sop_uid, staged):
@@ -391,6 +379,73 @@ class StorageSCP:
         else:
             log.debug("stored instance of study %s (%s, %s)", study_uid, modality, calling_aet)
         return study_uid, modality
+
+    def index_kept_file(self, path: Path) -> bool:
+        """Index an instance whose file is in its place in the spool already; False if known.
+
+        For ``dicom_node.recovery``: the file is what the listener wrote (preamble, file meta
+        with the AE titles, the data set as sent), so it passes the same checks again and says
+        who sent it. Raises ``CorruptDataset`` or ``DatasetMismatch`` for a file that is not a
+        whole instance where its UIDs put it, ``OutOfResources`` when the index cannot take it.
+        """
+        raw = path.read_bytes()
+        try:
+            meta, stream = split_file(raw)
+            ts = UID(str(meta.TransferSyntaxUID))
+            sop_class, sop_instance = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        except Exception as exc:  # pydicom raises many types on a broken file meta
+            raise CorruptDataset(f"unreadable file meta: {type(exc).__name__}: {exc}") from exc
+        header = check_instance(stream, ts, str(sop_class), str(sop_instance))
+        target = self.spool.path_for(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        if target != path:
+            raise DatasetMismatch(f"its UIDs place it at {target}")
+        modality = (header.modality or "OT").upper()
+        record = self._record(
+            header,
+            path,
+            len(raw),
+            str(ts),
+            str(meta.get("SendingApplicationEntityTitle", "") or "").strip(),
+            str(meta.get("ReceivingApplicationEntityTitle", "") or "").strip() or None,
+            received_at=path.stat().st_mtime,
+        )
+        complete_after = self._complete_after(modality, time.time())
+        return self.index.record_instance(record, urgent=header.stat, complete_after=complete_after)
+
+    @staticmethod
+    def _record(
+        header: InstanceHeader,
+        path: Path,
+        size: int,
+        transfer_syntax: str,
+        calling_aet: str,
+        called_aet: str | None,
+        *,
+        received_at: float,
+    ) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=transfer_syntax,
+            modality=(header.modality or "OT").upper(),
+            path=str(path),
+            size_bytes=size,
+            calling_aet=calling_aet,
+            received_at=received_at,
+            called_aet=called_aet,
+        )
+
+    def _complete_after(self, modality: str, now: float) -> float:
+        """When a study that just got an instance of ``modality`` completes if nothing else comes."""
+        fallback = self.completion.quiet_period_s
+        if modality in self.completion.complete_at_release:
+            # Completes at release; this only matters if the association never releases.
+            fallback = max(fallback, self.listener.network_timeout_s)
+        return now + fallback
 
     def _known(self, sop_uid: str) -> InstanceRecord | None:
         try:

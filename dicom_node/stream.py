@@ -99,24 +99,35 @@ def _even(value: str, pad: bytes) -> bytes:
     return encoded + pad if len(encoded) % 2 else encoded
 
 
-def file_preamble(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+def file_preamble(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    sending_aet: str = "",
+    receiving_aet: str = "",
+) -> bytes:
     """Preamble, ``DICM`` and file meta that make a received data set a DICOM file.
 
     The same elements as pynetdicom's ``create_file_meta`` (its implementation UID and version),
     encoded here directly: pydicom's encoder costs about as much as the rest of a small C-STORE.
+    The AE titles of the sender and of the listener it called, when given, go into Sending and
+    Receiving Application Entity Title (0002,0017) and (0002,0018), so that the file alone says
+    who sent it (``dicom_node.recovery`` indexes such a file again from it).
     """
-    elements = b"".join(
-        (
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
-            _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
-            _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
-            _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-        )
-    )
-    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
-    return b"\x00" * 128 + b"DICM" + length + elements
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ]
+    for element, aet in ((0x0017, sending_aet), (0x0018, receiving_aet)):
+        if aet.strip():
+            elements.append(_meta_element(element, b"AE", _even(aet.strip(), b" ")))
+    body = b"".join(elements)
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + length + body
 
 
 class BulkReadSocket(AssociationSocket):
@@ -466,7 +477,13 @@ class StreamingDUL(DULServiceProvider):
             return None
         assert self.spool is not None
         transfer_syntax = context.transfer_syntax[0]
-        preamble = file_preamble(sop_class_uid, sop_instance_uid, str(transfer_syntax))
+        preamble = file_preamble(
+            sop_class_uid,
+            sop_instance_uid,
+            str(transfer_syntax),
+            self.assoc.requestor.ae_title,
+            self.assoc.acceptor.ae_title,
+        )
         try:
             staged = self.spool.stage([preamble])
         except Exception as exc:
@@ -575,6 +592,8 @@ class StreamingDUL(DULServiceProvider):
                 str(command.AffectedSOPClassUID),
                 str(command.AffectedSOPInstanceUID),
                 str(context.transfer_syntax[0]),
+                self.assoc.requestor.ae_title,
+                self.assoc.acceptor.ae_title,
             )
             staged = self.spool.stage([preamble])
         except Exception as exc:

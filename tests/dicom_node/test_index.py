@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -271,3 +271,28 @@ def test_a_duplicate_in_the_same_group_is_recorded_once(index: Index) -> None:
     assert len(index.study_instances("1.2.3")) == 2
     study = index.study("1.2.3")
     assert study is not None and study.instance_count == 2
+
+
+def test_only_instance_rows_commit_without_waiting_for_the_disk(tmp_path: Path) -> None:
+    # SQLite: an instance row is committed with synchronous=NORMAL (a power loss may take it; its
+    # file is in the spool and dicom_node.recovery indexes it again). Every other write on the
+    # same pooled connections still waits for the disk (FULL), which also flushes the rows
+    # before it.
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    try:
+        assert not index.rows_wait_for_disk
+        seen: list[tuple[int, sqlite3.Connection]] = []
+        run = index._record.insert_instance.run
+
+        def spy(cursor: Any, values: Mapping[str, Any]) -> Any:
+            seen.append((cursor.execute("PRAGMA synchronous").fetchone()[0], cursor.connection))
+            return run(cursor, values)
+
+        index._record.insert_instance.run = spy  # type: ignore[method-assign]
+        assert index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=130.0)
+        [(mode, connection)] = seen
+        assert mode == 1  # NORMAL
+        # The same connection, back in the pool for any other write: FULL again.
+        assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        index.close()

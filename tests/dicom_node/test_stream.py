@@ -197,6 +197,11 @@ def test_file_meta_written_for_a_streamed_data_set_is_what_pynetdicom_would_writ
         )
         expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
         assert file_preamble(sop_class, sop_instance, syntax) == expected
+        # With the AE titles of the association: pydicom's encoding of the same file meta.
+        meta.SendingApplicationEntityTitle = "MODALITY1"
+        meta.ReceivingApplicationEntityTitle = "PACSAI"
+        expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+        assert file_preamble(sop_class, sop_instance, syntax, "MODALITY1", "PACSAI") == expected
 
 
 def test_c_store_response_written_directly_is_what_pynetdicom_would_send() -> None:
