@@ -439,9 +439,13 @@ def test_remembered_uid_verdicts_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch
     from pynetdicom import _config
     from pynetdicom._validators import validate_ui
 
+    from dicom_node import stream
     from dicom_node.stream import lighter_uid_checks
 
     monkeypatch.setitem(_config.VALIDATORS, "UI", validate_ui)
+    # pydicom's own property (a node started by an earlier test may have replaced it already).
+    pydicom_is_valid = stream._PYDICOM_IS_VALID
+    monkeypatch.setattr(UID, "is_valid", pydicom_is_valid)
     saved_mode = pydicom_config.settings.reading_validation_mode
     try:
         lighter_uid_checks()
@@ -458,6 +462,10 @@ def test_remembered_uid_verdicts_are_pynetdicoms(monkeypatch: pytest.MonkeyPatch
         for value in samples * 2:
             assert remembered(UID(value)) == validate_ui(UID(value)), (value, enforce)
     assert remembered(42) == validate_ui(42)  # type: ignore[arg-type]
+    # pydicom's own is_valid, remembered per string, says what it said.
+    assert UID.__dict__["is_valid"] is not pydicom_is_valid
+    for value in samples * 2:
+        assert UID(value).is_valid == pydicom_is_valid.fget(UID(value)), value
 
 
 def test_pynetdicom_log_asked_for_still_shows_the_listeners_associations(
