@@ -454,8 +454,9 @@ class _PendingRow:
 class _GroupCommit:
     """Instance rows recorded at once by several associations share one transaction.
 
-    A commit waits for the disk (SQLite fsyncs its WAL, holding the one write lock meanwhile);
-    with eight associations each waiting its turn, a row waited 15-22 ms for the index. Here
+    A commit holds the index's one write lock (SQLite), and on PostgreSQL waits for the disk;
+    when SQLite still flushed its log for each row, with eight associations each waiting its
+    turn, a row waited 15-22 ms for the index (``rows_wait_for_disk``: it no longer does). Here
     the thread whose row finds no commit under way leads: it opens the transaction and, once the
     write lock is its own, takes every row queued by then, so rows that came while it waited for
     the lock go in with it. The others wait; when the commit ends each learns what became of its
