@@ -79,6 +79,7 @@ def recover_after_boot(scp: StorageSCP, data_dir: Path) -> Recovery | None:
         return None
     newest = scp.index.latest_received_at()
     since = 0.0 if newest is None else newest - WINDOW_S
+    log.info("first start since the machine booted: the index may have lost its last rows")
     result = reindex_spool(scp, since)
     remember_boot(mark)
     return result
@@ -91,8 +92,7 @@ def reindex_spool(scp: StorageSCP, since: float) -> Recovery:
     """
     started = time.monotonic()
     log.info(
-        "first start since the machine booted: looking for instances the index lost, in series "
-        "folders changed since %s",
+        "looking for instance files the index does not know, in series folders changed since %s",
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since > 0 else "ever",
     )
     folders = files = indexed = refused = 0

@@ -354,6 +354,25 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from dicom_node.node import build_storage_scp
+    from dicom_node.recovery import reindex_spool
+    from worker.service import configure_logging, node_config
+
+    configure_logging("INFO")
+    settings = _settings(args)
+    scp = build_storage_scp(node_config(settings, settings.queue.broker_url))
+    try:
+        result = reindex_spool(scp, since=0.0)
+    finally:
+        scp.index.close()
+    print(
+        f"{result.files} instance file(s) in {result.folders} series folder(s): "
+        f"{result.indexed} indexed, {result.refused} refused (left in place, see the log above)"
+    )
+    return 1 if result.refused else 0
+
+
 def cmd_build_demo_model(args: argparse.Namespace) -> int:
     from worker.demo.train import train_demo_model
 
@@ -652,6 +671,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(q)
     q.add_argument("id", help="entry id (from 'pacs-ai quarantine list')")
     q.set_defaults(func=cmd_quarantine_retry)
+
+    p = sub.add_parser(
+        "reindex",
+        help="index the spool's instance files that the index does not know",
+        description=(
+            "Index every instance file in the spool that the index does not know, through the\n"
+            "listener's own checks; their studies then complete, or run again, as for a late\n"
+            "instance. For an index restored from a backup older than the spool, or replaced.\n"
+            "The node does this by itself, for recently changed series folders, at its first\n"
+            "start after the machine booted (a power loss can take the last index rows, never\n"
+            "the files). Safe while the node runs. Exit 1 if a file was refused."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(p)
+    p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -11,22 +10,6 @@ import pytest
 from dicom_node.node import DicomNode
 from tests.dicom_node.helpers import send_raw, small_study
 from worker.cli import main
-from worker.service import node_config
-from worker.settings import Settings, write_settings
-
-
-@pytest.fixture
-def site(tmp_path: Path, redis_url: str) -> Iterator[tuple[Path, DicomNode]]:
-    settings = Settings()
-    settings.listener.port = 0
-    settings.storage.data_dir = tmp_path / "data"
-    settings.queue.broker_url = redis_url
-    config = tmp_path / "site.yaml"
-    write_settings(settings, config)
-    node = DicomNode(node_config(settings, redis_url))
-    node.start()
-    yield config, node
-    node.stop()
 
 
 def _quarantine_pixel_less(node: DicomNode, tmp_path: Path) -> tuple[str, pydicom.Dataset, Path]:
