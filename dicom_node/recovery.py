@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.errors import CorruptDataset, DatasetMismatch
+from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
 from dicom_node.spool import durable_write, is_valid_uid
 
 if TYPE_CHECKING:
@@ -66,10 +66,18 @@ def first_start_since_boot(mark: Path) -> bool:
 
 
 def remember_boot(mark: Path) -> None:
-    """Note in ``mark`` that the node ran in this boot (after the spool was looked at)."""
+    """Note in ``mark`` that the node ran in this boot (after the spool was looked at).
+
+    A note that cannot be written (a full disk) only means the look is made again at the next
+    start; the node starts and answers 0xA700 while the disk is full, as it should.
+    """
     boot = current_boot()
-    if boot is not None:
+    if boot is None:
+        return
+    try:
         durable_write(mark, [f"{boot}\n".encode()])
+    except OutOfResources as exc:
+        log.warning("could not note this boot in %s (%s): the next start looks again", mark, exc)
 
 
 def recover_after_boot(scp: StorageSCP, data_dir: Path) -> Recovery | None:
@@ -77,10 +85,16 @@ def recover_after_boot(scp: StorageSCP, data_dir: Path) -> Recovery | None:
     mark = data_dir / BOOT_MARK
     if scp.index.rows_wait_for_disk or not first_start_since_boot(mark):
         return None
-    newest = scp.index.latest_received_at()
-    since = 0.0 if newest is None else newest - WINDOW_S
     log.info("first start since the machine booted: the index may have lost its last rows")
-    result = reindex_spool(scp, since)
+    try:
+        newest = scp.index.latest_received_at()
+        since = 0.0 if newest is None else newest - WINDOW_S
+        result = reindex_spool(scp, since)
+    except Exception:
+        # The node starts all the same: it answers 0xA700 while the index cannot take rows,
+        # and the next start looks again (this boot is not noted).
+        log.exception("could not look for instances the index lost; the next start looks again")
+        return None
     remember_boot(mark)
     return result
 

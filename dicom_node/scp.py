@@ -345,7 +345,8 @@ class StorageSCP:
         # known instance whose file has gone is stored again rather than acknowledged unkept.
         # The index is asked first only when the file is there already; otherwise the insert
         # below says whether the instance was known (under another study or series, say).
-        known = self._known(sop_uid) if target.exists() else None
+        there = target.exists()
+        known = self._known(sop_uid) if there else None
         if known is not None and self._keeps(known):
             return study_uid, modality
         now = time.time()
@@ -353,11 +354,19 @@ class StorageSCP:
             header, target, staged.size, transfer_syntax, calling_aet, called_aet, received_at=now
         )
         urgent, complete_after = header.stat, self._complete_after(modality, now)
-        if known is not None:
-            # Replace: the old file stays whole until the index row describes the new one.
+        if there:
+            # Replace, or a file in place that the index does not know (its row lost to a power
+            # cut, or an index restored from an older backup): the old file stays whole until
+            # the index row describes the new one, so a refused row leaves it as it was.
             with self.spool.replacing(study_uid, series_uid, sop_uid, staged):
-                self.index.replace_instance(record, urgent=urgent, complete_after=complete_after)
-            self._replaced(known, record)
+                if known is not None or not self.index.record_instance(
+                    record, urgent=urgent, complete_after=complete_after
+                ):
+                    self.index.replace_instance(
+                        record, urgent=urgent, complete_after=complete_after
+                    )
+            if known is not None:
+                self._replaced(known, record)
             return study_uid, modality
         self.spool.store(study_uid, series_uid, sop_uid, staged)
         try:

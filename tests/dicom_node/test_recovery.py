@@ -132,3 +132,38 @@ def test_a_file_that_is_not_a_whole_instance_is_left_in_place_and_not_indexed(
     assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode == 0
     again = node.index.instance(str(ds.SOPInstanceUID))
     assert again is not None and pydicom.dcmread(again.path).PixelData == ds.PixelData
+
+
+def test_an_index_that_refuses_rows_at_the_first_start_after_boot_does_not_stop_the_node(
+    config: NodeConfig, run_node: list[DicomNode], tmp_path: Path
+) -> None:
+    node = _start(config, run_node)
+    files = small_study(tmp_path / "in", modality="CR")
+    assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode == 0
+    sop = str(pydicom.dcmread(files[0]).SOPInstanceUID)
+    node.stop()
+    run_node.remove(node)
+
+    _lose_rows(config, str(pydicom.dcmread(files[0]).StudyInstanceUID))
+    database = config.index_url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as db:  # the index takes no instance row (a full disk, say)
+        db.execute(
+            "CREATE TRIGGER index_offline BEFORE INSERT ON instances "
+            "BEGIN INSERT INTO table_that_is_gone VALUES (1); END"
+        )
+    stored = next(config.storage.spool_dir.rglob(f"{sop}.dcm"))
+    kept = stored.read_bytes()
+    node = _start(config, run_node)  # starts, serves
+    # The sender retries and is refused (0xA700); the file it was acknowledged for stays whole.
+    assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode != 0
+    assert node.index.instance(sop) is None
+    assert stored.read_bytes() == kept
+    assert (config.storage.data_dir / BOOT_MARK).read_text() == "an-earlier-boot\n"
+    node.stop()
+    run_node.remove(node)
+
+    with sqlite3.connect(database) as db:  # space freed: the next start indexes the file
+        db.execute("DROP TRIGGER index_offline")
+    node = _start(config, run_node)
+    record = node.index.instance(sop)
+    assert record is not None and Path(record.path).is_file()
