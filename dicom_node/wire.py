@@ -102,7 +102,14 @@ def _walk_items(
             raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
         if length == _UNDEFINED:
             pos = _walk_elements(
-                data, pos, len(data), implicit, little, depth + 1, True, priorities=priorities
+                data,
+                pos,
+                len(data),
+                implicit,
+                little,
+                depth + 1,
+                in_item=True,
+                priorities=priorities,
             )
         else:
             if pos + length > len(data):
@@ -115,7 +122,7 @@ def _walk_items(
                     implicit,
                     little,
                     depth + 1,
-                    False,
+                    in_item=False,
                     priorities=priorities,
                 )
             pos += length
@@ -141,13 +148,20 @@ def _walk_defined_sequence(
             raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
         if length == _UNDEFINED:
             pos = _walk_elements(
-                data, pos, end, implicit, little, depth + 1, True, priorities=priorities
+                data, pos, end, implicit, little, depth + 1, in_item=True, priorities=priorities
             )
             continue
         if pos + length > end:
             raise CorruptDataset(f"item at byte {pos - 8} runs past the end of its sequence")
         _walk_elements(
-            data, pos, pos + length, implicit, little, depth + 1, False, priorities=priorities
+            data,
+            pos,
+            pos + length,
+            implicit,
+            little,
+            depth + 1,
+            in_item=False,
+            priorities=priorities,
         )
         pos += length
 
