@@ -94,38 +94,9 @@ def _walk_items(
         if pos + 8 > len(data):
             raise CorruptDataset(f"sequence not closed at byte {pos}")
         tag = _tag(data, pos, little)
-        length = _u32(data, pos + 4, little)
-        pos += 8
         if tag == _SEQ_END:
-            return pos
-        if tag != _ITEM:
-            raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
-        if length == _UNDEFINED:
-            pos = _walk_elements(
-                data,
-                pos,
-                len(data),
-                implicit,
-                little,
-                depth + 1,
-                in_item=True,
-                priorities=priorities,
-            )
-        else:
-            if pos + length > len(data):
-                raise CorruptDataset(f"item at byte {pos - 8} runs past the end of the data")
-            if not fragments:
-                _walk_elements(
-                    data,
-                    pos,
-                    pos + length,
-                    implicit,
-                    little,
-                    depth + 1,
-                    in_item=False,
-                    priorities=priorities,
-                )
-            pos += length
+            return pos + 8
+        pos = _walk_item(data, pos, len(data), implicit, little, depth, priorities, fragments)
 
 
 def _walk_defined_sequence(
@@ -141,29 +112,47 @@ def _walk_defined_sequence(
     while pos < end:
         if pos + 8 > end:
             raise CorruptDataset(f"item header truncated at byte {pos}")
-        tag = _tag(data, pos, little)
-        length = _u32(data, pos + 4, little)
-        pos += 8
-        if tag != _ITEM:
-            raise CorruptDataset(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
-        if length == _UNDEFINED:
-            pos = _walk_elements(
-                data, pos, end, implicit, little, depth + 1, in_item=True, priorities=priorities
-            )
-            continue
-        if pos + length > end:
-            raise CorruptDataset(f"item at byte {pos - 8} runs past the end of its sequence")
+        pos = _walk_item(data, pos, end, implicit, little, depth, priorities)
+
+
+def _walk_item(
+    data: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    depth: int,
+    priorities: list[bytes] | None,
+    fragment: bool = False,
+) -> int:
+    """Walk the item whose header is at ``pos`` in a sequence ending by ``end``; return its end.
+
+    ``fragment``: an item of encapsulated pixel data, whose bytes are not a data set.
+    """
+    tag = _tag(data, pos, little)
+    length = _u32(data, pos + 4, little)
+    if tag != _ITEM:
+        raise CorruptDataset(f"expected an item tag at byte {pos}, found {tag:08X}")
+    start = pos + 8
+    if length == _UNDEFINED:
+        return _walk_elements(
+            data, start, end, implicit, little, depth + 1, in_item=True, priorities=priorities
+        )
+    if start + length > end:
+        where = "the data" if end == len(data) else "its sequence"
+        raise CorruptDataset(f"item at byte {pos} runs past the end of {where}")
+    if not fragment:
         _walk_elements(
             data,
-            pos,
-            pos + length,
+            start,
+            start + length,
             implicit,
             little,
             depth + 1,
             in_item=False,
             priorities=priorities,
         )
-        pos += length
+    return start + length
 
 
 def _walk_elements(
