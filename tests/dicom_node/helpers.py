@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
+from dicom_node.index import Index, JobRow, JobStatus
 from worker.demo.phantoms import write_synthetic_study
 
 
@@ -76,3 +78,14 @@ def dataset_bytes(raw: bytes) -> bytes:
     read_preamble(fp, False)
     _read_file_meta_info(fp)
     return raw[fp.tell() :]
+
+
+def wait_for_queued_job(index: Index, study_uid: str, timeout: float) -> list[JobRow]:
+    """The study's jobs once its first is queued, or as they are when ``timeout`` has passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = index.study_jobs(study_uid)
+        if jobs and jobs[0].status == JobStatus.QUEUED:
+            return jobs
+        time.sleep(0.1)
+    return index.study_jobs(study_uid)

@@ -9,18 +9,17 @@ test; what it leaves can: the rows deleted from the index, and a boot mark from 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from dicom_node.index import JobStatus
+from dicom_node.index import InstanceRecord, JobStatus
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.recovery import BOOT_MARK, current_boot
 from tests.dicom_node.conftest import make_config
-from tests.dicom_node.helpers import small_study
+from tests.dicom_node.helpers import small_study, wait_for_queued_job
 from tests.servers import storescu
 
 
@@ -47,6 +46,26 @@ def _start(config: NodeConfig, started: list[DicomNode]) -> DicomNode:
     return node
 
 
+def _received_then_stopped(
+    config: NodeConfig, started: list[DicomNode], files: list[Path], calling_aet: str = "STORESCU"
+) -> dict[str, InstanceRecord]:
+    """Start a node, send ``files`` to it, stop it; the index rows it had for them."""
+    node = _start(config, started)
+    result = storescu(
+        files, host="127.0.0.1", port=node.port, called_aet="PACSAI", calling_aet=calling_aet
+    )
+    assert result.returncode == 0, result.stderr
+    records = {}
+    for f in files:
+        sop = str(pydicom.dcmread(f).SOPInstanceUID)
+        record = node.index.instance(sop)
+        assert record is not None
+        records[sop] = record
+    node.stop()
+    started.remove(node)
+    return records
+
+
 def _lose_rows(config: NodeConfig, study_uid: str) -> None:
     """What a power loss can leave: the study's rows gone from the index, the machine rebooted."""
     db = sqlite3.connect(config.index_url.removeprefix("sqlite:///"))
@@ -62,30 +81,19 @@ def _lose_rows(config: NodeConfig, study_uid: str) -> None:
 def test_files_whose_rows_a_power_loss_took_are_indexed_at_the_first_start_after_boot(
     config: NodeConfig, run_node: list[DicomNode], tmp_path: Path
 ) -> None:
-    node = _start(config, run_node)
     kept = small_study(tmp_path / "kept", seed=1, patient_id="T-0001", modality="CR")
     lost = small_study(
         tmp_path / "lost", seed=2, patient_id="T-0002", modality="CR", views=("PA", "LL")
     )
-    for files in (kept, lost):
-        result = storescu(
-            files, host="127.0.0.1", port=node.port, called_aet="PACSAI", calling_aet="MODALITY1"
-        )
-        assert result.returncode == 0, result.stderr
+    before = _received_then_stopped(config, run_node, kept + lost, calling_aet="MODALITY1")
     lost_study = str(pydicom.dcmread(lost[0]).StudyInstanceUID)
-    before = {
-        sop: node.index.instance(sop)
-        for sop in (str(pydicom.dcmread(f).SOPInstanceUID) for f in lost)
-    }
-    node.stop()
-    run_node.remove(node)
 
     _lose_rows(config, lost_study)
     node = _start(config, run_node)
 
     for sop, was in before.items():
         now = node.index.instance(sop)
-        assert was is not None and now is not None, "an acknowledged instance is not indexed"
+        assert now is not None, "an acknowledged instance is not indexed"
         assert now.path == was.path and Path(now.path).is_file()
         assert (now.calling_aet, now.called_aet) == ("MODALITY1", "PACSAI")
         assert (now.size_bytes, now.modality, now.transfer_syntax_uid) == (
@@ -97,13 +105,8 @@ def test_files_whose_rows_a_power_loss_took_are_indexed_at_the_first_start_after
     study = node.index.study(lost_study)
     assert study is not None and study.instance_count == 2
     # The study then completes and its job is queued, as for any study.
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        jobs = node.index.study_jobs(lost_study)
-        if jobs and jobs[0].status == JobStatus.QUEUED:
-            break
-        time.sleep(0.1)
-    assert [j.status for j in node.index.study_jobs(lost_study)] == [JobStatus.QUEUED]
+    jobs = wait_for_queued_job(node.index, lost_study, timeout=20)
+    assert [j.status for j in jobs] == [JobStatus.QUEUED]
     if current_boot() is not None:
         assert (config.storage.data_dir / BOOT_MARK).read_text().strip() == current_boot()
 
@@ -111,14 +114,9 @@ def test_files_whose_rows_a_power_loss_took_are_indexed_at_the_first_start_after
 def test_a_file_that_is_not_a_whole_instance_is_left_in_place_and_not_indexed(
     config: NodeConfig, run_node: list[DicomNode], tmp_path: Path
 ) -> None:
-    node = _start(config, run_node)
     files = small_study(tmp_path / "in", modality="CR")
-    assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode == 0
     ds = pydicom.dcmread(files[0])
-    record = node.index.instance(str(ds.SOPInstanceUID))
-    assert record is not None
-    node.stop()
-    run_node.remove(node)
+    record = _received_then_stopped(config, run_node, files)[str(ds.SOPInstanceUID)]
 
     _lose_rows(config, str(ds.StudyInstanceUID))
     stored = Path(record.path)
@@ -137,12 +135,9 @@ def test_a_file_that_is_not_a_whole_instance_is_left_in_place_and_not_indexed(
 def test_an_index_that_refuses_rows_at_the_first_start_after_boot_does_not_stop_the_node(
     config: NodeConfig, run_node: list[DicomNode], tmp_path: Path
 ) -> None:
-    node = _start(config, run_node)
     files = small_study(tmp_path / "in", modality="CR")
-    assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode == 0
     sop = str(pydicom.dcmread(files[0]).SOPInstanceUID)
-    node.stop()
-    run_node.remove(node)
+    _received_then_stopped(config, run_node, files)
 
     _lose_rows(config, str(pydicom.dcmread(files[0]).StudyInstanceUID))
     database = config.index_url.removeprefix("sqlite:///")

@@ -15,7 +15,13 @@ import pytest
 
 from dicom_node.index import Index, JobStatus, StudyStatus
 from dicom_node.node import DicomNode
-from tests.dicom_node.helpers import c_echo, dataset_bytes, send_raw, small_study
+from tests.dicom_node.helpers import (
+    c_echo,
+    dataset_bytes,
+    send_raw,
+    small_study,
+    wait_for_queued_job,
+)
 from tests.servers import free_port, storescu
 
 REAL = (
@@ -68,13 +74,7 @@ def test_cr_study_completes_at_release_and_its_job_reaches_the_broker(
     files = small_study(tmp_path / "in", kind="pneumothorax", modality="CR")
     assert storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI").returncode == 0
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        jobs = node.index.study_jobs(study_uid)
-        if jobs and jobs[0].status == JobStatus.QUEUED:
-            break
-        time.sleep(0.1)
-    jobs = node.index.study_jobs(study_uid)
+    jobs = wait_for_queued_job(node.index, study_uid, timeout=10)
     assert [j.status for j in jobs] == [JobStatus.QUEUED], (
         "released CR study was not queued well before the 30 s quiet period"
     )
