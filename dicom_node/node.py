@@ -30,7 +30,7 @@ from dicom_node.settings import (
     StorageSettings,
 )
 from dicom_node.spool import Spool
-from dicom_node.stream import lighter_uid_checks, streaming_request_handler
+from dicom_node.stream import lighter_association_setup, streaming_request_handler
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class DicomNode:
         return self.config.listener.processes or default_processes()
 
     def start(self) -> None:
-        lighter_uid_checks()
+        lighter_association_setup()
         swept = self.spool.sweep_partials()
         if swept:
             log.warning("removed %d partial files left by an interrupted write", swept)

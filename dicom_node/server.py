@@ -38,7 +38,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.spool import Spool
-from dicom_node.stream import StoreHandler, lighter_uid_checks, streaming_request_handler
+from dicom_node.stream import StoreHandler, lighter_association_setup, streaming_request_handler
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
     from dicom_node.node import NodeConfig, build_storage_scp  # the child's own imports
     from dicom_node.scp import build_ae, handlers
 
-    lighter_uid_checks()
+    lighter_association_setup()
     config = NodeConfig.from_json(config_json)
     listener = config.listener
     send_lock = threading.Lock()

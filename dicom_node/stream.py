@@ -59,6 +59,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from dicom_node.negotiation import copy_context, decode_associate_rq, remember_association_setup
 from dicom_node.spool import Spool, StagedFile
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
 _P_DATA_TF = 0x04
+_A_ASSOCIATE_RQ = b"\x01"
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _COMMAND = 0x01
 _LAST_FRAGMENT = 0x02
@@ -348,6 +350,16 @@ class StreamingDUL(DULServiceProvider):
             self._busy_until = now + _BUSY_WINDOW_S
         self._run_loop_delay = _BUSY_POLL_S if now < self._busy_until else _IDLE_POLL_S
         return busy
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[:1] != _A_ASSOCIATE_RQ:
+            return super()._decode_pdu(bytestream)
+        # As pynetdicom's, with a request seen before not decoded again (dicom_node.negotiation).
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+        pdu = decode_associate_rq(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"  # A-ASSOCIATE-RQ PDU received
 
     def _read_pdu_data(self) -> None:
         # While C-STOREs stream in, read their PDUs back to back: returning to pynetdicom's
@@ -681,6 +693,16 @@ class StreamingDIMSE(DIMSEServiceProvider):
         return command if limit == 0 or len(command) + 6 <= limit else None
 
 
+def lighter_association_setup() -> None:
+    """Process-wide, in the processes that serve associations: cheaper association set-up.
+
+    UIDs are checked once (``lighter_uid_checks``) and a request seen before is not decoded,
+    negotiated and answered from scratch again (``dicom_node.negotiation``).
+    """
+    lighter_uid_checks()
+    remember_association_setup()
+
+
 def lighter_uid_checks() -> None:
     """Process-wide: check each UID of an association request once, not five times.
 
@@ -749,14 +771,7 @@ class CheapCopyContexts(list[PresentationContext]):
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            fresh = PresentationContext.__new__(PresentationContext)
-            fresh.__dict__.update(
-                {k: list(v) if isinstance(v, list) else v for k, v in vars(context).items()}
-            )
-            copies.append(fresh)
-        return copies
+        return [copy_context(context) for context in self]
 
 
 def streaming_request_handler(
