@@ -673,11 +673,14 @@ class MllpReceiver:
     def stop(self) -> None:
         import asyncio
 
+        async def shut(server: Any) -> None:
+            # On the loop's own thread: asyncio's server is not safe to close from another, and
+            # a connection ending at the same moment made close() fail now and then.
+            server.close()
+            await server.wait_closed()
+
         if self._server is not None:
-            self._server.close()
-            asyncio.run_coroutine_threadsafe(self._server.wait_closed(), self._loop).result(
-                timeout=10
-            )
+            asyncio.run_coroutine_threadsafe(shut(self._server), self._loop).result(timeout=10)
             self._server = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
