@@ -67,12 +67,18 @@ def _received_then_stopped(
 
 
 def _lose_rows(config: NodeConfig, study_uid: str) -> None:
-    """What a power loss can leave: the study's rows gone from the index, the machine rebooted."""
+    """What a power loss can leave: the study's rows gone from the index, the machine rebooted.
+
+    The rows lost are the last ones written, so whatever came after the study's instance rows
+    goes too: its study row and, if its association's release completed it before the node
+    stopped, its job.
+    """
     db = sqlite3.connect(config.index_url.removeprefix("sqlite:///"))
     try:
         with db:
             db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
             db.execute("DELETE FROM studies WHERE study_instance_uid = ?", (study_uid,))
+            db.execute("DELETE FROM jobs WHERE study_instance_uid = ?", (study_uid,))
     finally:
         db.close()
     (config.storage.data_dir / BOOT_MARK).write_text("an-earlier-boot\n")
