@@ -861,13 +861,24 @@ class Index:
         return job_id
 
     def mark_job_enqueued(self, job_id: str, now: float, broker_epoch: str | None = None) -> None:
-        """The broker took the job's message; ``broker_epoch`` names that broker's run."""
+        """The broker took the job's message; ``broker_epoch`` names that broker's run.
+
+        A worker may take the message, and start or even finish the job, before this is
+        written: the job then keeps its status, and the hand-over is recorded all the same (its
+        time, and the broker run that a restart check compares with a running job's).
+        """
         with self._tx() as conn:
             conn.execute(
                 jobs.update()
                 .where(jobs.c.job_id == job_id)
-                .where(jobs.c.status == JobStatus.CREATED)
-                .values(status=JobStatus.QUEUED, enqueued_at=now, broker_epoch=broker_epoch)
+                .values(
+                    status=sa.case(
+                        (jobs.c.status == JobStatus.CREATED, JobStatus.QUEUED),
+                        else_=jobs.c.status,
+                    ),
+                    enqueued_at=now,
+                    broker_epoch=broker_epoch,
+                )
             )
 
     def requeue_lost_jobs(

@@ -104,6 +104,22 @@ def test_only_jobs_stranded_by_an_earlier_run_of_the_broker_are_handed_over_agai
     assert index.requeue_lost_jobs("run-b", running_started_before=50.0) == [], "once"
 
 
+def test_a_job_a_worker_started_before_its_hand_over_was_recorded_keeps_the_hand_over(
+    index: Index,
+) -> None:
+    index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=1.0)
+    job_id = index.create_job("1.2.3", "cxr", "routine", now=2.0)
+    assert job_id is not None
+    # The worker took the message the moment the broker had it, before the assembler wrote so.
+    index.start_job(job_id, now=3.0)
+    index.mark_job_enqueued(job_id, now=3.5, broker_epoch="run-a")
+    job = index.job(job_id)
+    assert job is not None and job.status == JobStatus.RUNNING
+    assert job.enqueued_at == 3.5
+    # Its worker lost with the broker, the job is found and handed over again.
+    assert index.requeue_lost_jobs("run-b", running_started_before=50.0) == [job_id]
+
+
 def test_late_instance_reopens_a_finished_study(index: Index) -> None:
     index.record_instance(record("1.2.3.1.1"), urgent=False, complete_after=100.0)
     job_id = index.create_job("1.2.3", "cxr", "routine", now=101.0)
