@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +34,29 @@ def node(tmp_path: Path, redis_url: str) -> Iterator[DicomNode]:
     n.start()
     yield n
     n.stop()
+
+
+Configure = Callable[[NodeConfig], None]
+StartNode = Callable[..., DicomNode]
+
+
+@pytest.fixture
+def start_node(tmp_path: Path, redis_url: str) -> Iterator[StartNode]:
+    """``start_node(configure)``: a running node whose settings ``configure(config)`` adjusted.
+
+    Each node started in a test gets a data folder of its own; all are stopped at the end.
+    """
+    started: list[DicomNode] = []
+
+    def start(configure: Configure | None = None) -> DicomNode:
+        config = make_config(tmp_path / f"node{len(started)}", redis_url)
+        if configure is not None:
+            configure(config)
+        node = DicomNode(config)
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -15,32 +14,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.spool import disk_used_fraction
-from tests.dicom_node.conftest import make_config
+from tests.dicom_node.conftest import StartNode
 from tests.dicom_node.helpers import send_raw, small_study
 
 OUT_OF_RESOURCES = 0xA700
-
-Configure = Callable[[NodeConfig], None]
-StartNode = Callable[..., DicomNode]
-
-
-@pytest.fixture
-def start_node(tmp_path: Path, redis_url: str) -> Iterator[StartNode]:
-    """``start_node(configure, folder="node")``: a running node on the data in ``folder``."""
-    started: list[DicomNode] = []
-
-    def start(configure: Configure | None = None, folder: str = "node") -> DicomNode:
-        config = make_config(tmp_path / folder, redis_url)
-        if configure is not None:
-            configure(config)
-        node = DicomNode(config)
-        node.start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
 
 
 def _send(node: DicomNode, path: Path) -> int:

@@ -3,12 +3,10 @@ pynetdicom's own, and the checks on each association (AE titles, allow-list) mad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -26,10 +24,10 @@ from pynetdicom.presentation import (
 )
 
 from dicom_node import negotiation
-from dicom_node.node import DicomNode, NodeConfig
+from dicom_node.node import NodeConfig
 from dicom_node.scp import build_ae
 from dicom_node.settings import ListenerSettings, PeerSettings
-from tests.dicom_node.conftest import make_config
+from tests.dicom_node.conftest import StartNode
 from tests.dicom_node.helpers import small_study
 from tests.servers import storescu
 
@@ -149,29 +147,16 @@ def test_a_remembered_answer_encodes_as_pynetdicom_encodes_it() -> None:
 # --- through the listener -------------------------------------------------------------------
 
 
-@pytest.fixture
-def start_node(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., DicomNode]]:
-    started: list[DicomNode] = []
-
-    def start(peers: list[tuple[str, str]]) -> DicomNode:
-        config: NodeConfig = make_config(tmp_path / f"node{len(started)}", redis_url)
-        config.listener.peers = [
-            PeerSettings.model_validate({"ae_title": a, "address": ip}) for a, ip in peers
-        ]
-        node = DicomNode(config)
-        node.start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
-
-
 def test_the_same_proposal_from_each_sender_is_checked_and_recorded_under_its_own_title(
-    start_node: Callable[..., DicomNode], tmp_path: Path
+    start_node: StartNode, tmp_path: Path
 ) -> None:
-    node = start_node([("MODALITY_A", "127.0.0.1"), ("MODALITY_B", "127.0.0.1")])
+    def peers(config: NodeConfig) -> None:
+        config.listener.peers = [
+            PeerSettings.model_validate({"ae_title": a, "address": "127.0.0.1"})
+            for a in ("MODALITY_A", "MODALITY_B")
+        ]
+
+    node = start_node(peers)
     sent: dict[str, str] = {}
     for sender in ("MODALITY_A", "MODALITY_B", "MODALITY_A"):
         files = small_study(tmp_path / f"in-{len(sent)}", seed=len(sent) + 1, modality="CR")

@@ -4,7 +4,6 @@ including mutual TLS, with certificates made by the test with the ``openssl`` co
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -13,10 +12,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.errors import DestinationUnavailable
-from dicom_node.node import DicomNode, NodeConfig
+from dicom_node.node import NodeConfig
 from dicom_node.scu import RemoteNode, echo, send_files
 from dicom_node.settings import DestinationTLSSettings, ListenerTLSSettings, PeerSettings
-from tests.dicom_node.conftest import make_config
+from tests.dicom_node.conftest import Configure, StartNode
 from tests.dicom_node.helpers import small_study
 from tests.pki import Identity, Pki, make_pki
 from tests.servers import echoscu, run_tool, storescu
@@ -30,29 +29,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 # --- nodes --------------------------------------------------------------------------------------
-
-
-Configure = Callable[[NodeConfig], None]
-StartNode = Callable[..., DicomNode]
-
-
-@pytest.fixture
-def start_node(tmp_path: Path, redis_url: str) -> Iterator[StartNode]:
-    """``start_node(configure)``: a running node whose settings ``configure(config)`` adjusted."""
-    started: list[DicomNode] = []
-
-    def start(configure: Configure | None = None) -> DicomNode:
-        config = make_config(tmp_path / f"node{len(started)}", redis_url)
-        if configure is not None:
-            configure(config)
-        node = DicomNode(config)
-        node.start()
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
 
 
 def _associate_echo(port: int, calling_aet: str, bind_ip: str = "127.0.0.1") -> tuple[bool, bool]:
