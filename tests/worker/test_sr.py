@@ -16,6 +16,10 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 
 from tests.servers import dciodvfy, require, require_tool
 from worker.findings import FindingResult, ModelCard
+from worker.imaging.decode import decode_instance
+from worker.outputs.kos import build_key_object_selection
+from worker.outputs.report import build_report_sr
+from worker.outputs.summary import build_summary_sc
 from worker.outputs.sr import (
     DEMO_LABEL,
     FindingsSRError,
@@ -191,6 +195,54 @@ def test_real_siim_cr_sr_leaves_out_the_malformed_patient_age(tmp_path: Path) ->
     assert "PatientAge" not in sr
     assert sr.PatientID == source.PatientID
     assert sr.StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_still_validates(
+    tmp_path: Path,
+) -> None:
+    # Values real PACS traffic carries and highdicom cannot convert: before, building the SR
+    # failed, and the study got no SR and no alert.
+    sources = _two_view_study()
+    for ds in sources:
+        ds.PatientName = "Synthetic"  # one component: valid, only unusual
+        ds.PatientBirthDate = "1961-07-04"
+        ds.PatientSex = "male"
+        ds.StudyDate = "2024-01-02"
+        ds.StudyTime = "10:15"
+        ds.PatientAge = "62"
+    results = _results(str(sources[0].SOPInstanceUID))
+    sr = build_findings_sr(sources, results, CARD, manufacturer="pacs-ai-worker")
+    outputs = {
+        "findings": sr,
+        "draft": build_report_sr(sources, results, CARD, sr, manufacturer="pacs-ai-worker"),
+        "kos": build_key_object_selection(
+            sources, results, CARD, sr, manufacturer="pacs-ai-worker"
+        ),
+        "summary": build_summary_sc(
+            sources[0],
+            decode_instance(sources[0]),
+            results,
+            CARD,
+            sr,
+            manufacturer="pacs-ai-worker",
+        ),
+    }
+    for kind, output in outputs.items():
+        path = _write(output, tmp_path / f"{kind}.dcm")
+        validation = dciodvfy(path)
+        errors = [line for line in validation.output.splitlines() if line.startswith("Error")]
+        assert not errors, f"{kind}: {validation.output}"
+        written = pydicom.dcmread(path)
+        # Type 2: present and empty; Type 3: left out. The patient is still who the images say.
+        for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
+            assert keyword in written and not written[keyword].value, f"{kind}: {keyword}"
+        assert "PatientAge" not in written, kind
+        assert str(written.PatientName) == "Synthetic", kind
+        assert written.PatientID == sources[0].PatientID, kind
+        assert written.StudyInstanceUID == sources[0].StudyInstanceUID, kind
+    # The images themselves keep what they arrived with.
+    assert sources[0].PatientBirthDate == "1961-07-04"
+    assert sources[0].PatientSex == "male"
 
 
 def test_two_view_synthetic_study_sr_is_valid_and_keeps_per_finding_sources(

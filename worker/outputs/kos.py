@@ -23,7 +23,7 @@ from worker.findings import DEMO_LABEL, FindingResult, ModelCard
 from worker.outputs.sr import (
     algorithm_equipment,
     algorithm_observer,
-    clean_copied_attributes,
+    conformant_header,
     derive_uid,
 )
 
@@ -91,7 +91,7 @@ def build_key_object_selection(
     )
     description = f"{DEMO_LABEL} - {SERIES_DESCRIPTION}" if card.demo else SERIES_DESCRIPTION
     kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=images,
+        evidence=[conformant_header(ds) for ds in images],
         content=content,
         series_instance_uid=derive_uid(*identity, "series"),
         series_number=series_number,
@@ -102,5 +102,4 @@ def build_key_object_selection(
         series_description=description,
         contributing_equipment=[algorithm_equipment(card)],
     )
-    clean_copied_attributes(kos, images[0])
     return kos

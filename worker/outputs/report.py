@@ -21,7 +21,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
 from worker.findings import DEMO_LABEL, FindingResult, ModelCard
-from worker.outputs.sr import clean_copied_attributes, derive_uid
+from worker.outputs.sr import conformant_header, derive_uid
 from worker.templates import templates_dir
 
 SERIES_DESCRIPTION = "AI draft report (preliminary)"
@@ -138,7 +138,7 @@ def build_report_sr(
     )
     description = f"{DEMO_LABEL} - {SERIES_DESCRIPTION}" if card.demo else SERIES_DESCRIPTION
     sr = hd.sr.EnhancedSR(
-        evidence=[*sources, findings_sr],
+        evidence=[*(conformant_header(ds) for ds in sources), findings_sr],
         content=root,
         series_instance_uid=derive_uid(*identity, "series"),
         series_number=series_number,
@@ -152,7 +152,6 @@ def build_report_sr(
         series_description=description,
         previous_versions=predecessors,
     )
-    clean_copied_attributes(sr, sources[0])
     return sr
 
 

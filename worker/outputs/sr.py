@@ -38,7 +38,7 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from worker.findings import DEMO_LABEL, FindingResult, ModelCard
 from worker.templates import CodeMap, code_map
@@ -147,7 +147,7 @@ def build_findings_sr(
 
     series_description = f"{DEMO_LABEL} - {SERIES_DESCRIPTION}" if card.demo else SERIES_DESCRIPTION
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(images.values()),
+        evidence=[conformant_header(ds) for ds in images.values()],
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -163,7 +163,6 @@ def build_findings_sr(
         series_description=series_description,
         previous_versions=predecessors,
     )
-    clean_copied_attributes(sr, next(iter(images.values())))
     return sr
 
 
@@ -267,37 +266,52 @@ _STUDY_KEYWORDS = frozenset(
 )
 
 
-def clean_copied_attributes(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
-    """Empty or drop patient/study values copied from the source that break their VR.
+# Values highdicom converts, and refuses when it cannot: dates and times are parsed, and Patient's
+# Sex must be one of the enumerated values.
+_TEMPORAL = {"DA": DA, "TM": TM, "DT": DT}
+_PATIENT_SEX = frozenset({"", "M", "F", "O"})
+# The header ends where overlays and pixel data begin.
+_HEADER_END = 0x60000000
 
-    highdicom copies the Patient and Study modules verbatim, and real PACS traffic carries
-    malformed values (the SIIM file's Patient's Age is "62", not "062Y"), which would make our
-    SR fail validation. Repairing would mean guessing a clinical fact, so a malformed Type 2
-    value is emptied and a Type 3 one removed; the images still hold the original.
+
+def conformant_header(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The header of ``source``, with the patient and study values an output copies made conformant.
+
+    highdicom copies the Patient and Study modules of the first source into what it builds,
+    converts some values (dates, times, Patient's Sex) and fails on those it cannot convert;
+    real PACS traffic carries malformed ones (the SIIM file's Patient's Age is "62", not "062Y";
+    birth dates like "1961-07-04"), which would cost the study its SR and its alert, or make the
+    SR fail validation. Repairing would mean guessing a clinical fact, so a malformed Type 2 value
+    is emptied and a Type 3 one left out; the images in the spool keep the original. The source
+    itself is not changed: the copy shares its other elements.
     """
-    for element in list(sr):
+    header = pydicom.Dataset()
+    for element in source:
+        if element.tag >= _HEADER_END:
+            break
         copied = element.tag.group == 0x0010 or element.keyword in _STUDY_KEYWORDS
-        if not copied or element.VR == "SQ" or element.tag not in source:
+        if not copied or element.VR == "SQ" or _conformant(element):
+            header.add(element)
             continue
-        if element.value != source[element.tag].value:
-            continue
-        values = element.value if isinstance(element.value, MultiValue) else [element.value]
-        try:
-            for value in values:
-                validate_value(element.VR, value, config.RAISE)
-        except ValueError:
-            if element.keyword == "StudyInstanceUID":
-                raise FindingsSRError(
-                    "the source images have an invalid Study Instance UID"
-                ) from None
-            # The keyword only: values are patient data and stay out of logs.
-            logger.warning(
-                "source %s is not a valid %s; left out of the SR", element.keyword, element.VR
-            )
-            if element.keyword in _TYPE_2_COPIED:
-                sr[element.tag].value = None
-            else:
-                del sr[element.tag]
+        if element.keyword == "StudyInstanceUID":
+            raise FindingsSRError("the source images have an invalid Study Instance UID")
+        # The keyword only: values are patient data and stay out of logs.
+        logger.warning("source %s is not a valid %s; left out", element.keyword, element.VR)
+        if element.keyword in _TYPE_2_COPIED:
+            header.add_new(element.tag, element.VR, None)
+    return header
+
+
+def _conformant(element: pydicom.DataElement) -> bool:
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    try:
+        for value in values:
+            validate_value(element.VR, value, config.RAISE)
+            if element.VR in _TEMPORAL and value not in (None, ""):
+                _TEMPORAL[element.VR](value)
+    except ValueError:
+        return False
+    return element.keyword != "PatientSex" or (element.value or "") in _PATIENT_SEX
 
 
 def _unique_images(sources: Sequence[pydicom.Dataset]) -> dict[str, pydicom.Dataset]:

@@ -17,7 +17,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
 from worker.findings import DEMO_LABEL, DecodedImage, FindingResult, ModelCard
-from worker.outputs.sr import clean_copied_attributes, derive_uid
+from worker.outputs.sr import conformant_header, derive_uid
 
 KIND = "summary-sc"
 MAX_SIDE = 1024
@@ -68,7 +68,7 @@ def build_summary_sc(
     identity = (str(findings_sr.SOPInstanceUID), KIND)
     pixels = _render(decoded.pixels, summary_lines(results, card))
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=conformant_header(source),
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=8,
@@ -88,5 +88,4 @@ def build_summary_sc(
         f"{DEMO_LABEL} - {SERIES_DESCRIPTION}" if card.demo else SERIES_DESCRIPTION
     )
     sc.ImageComments = " | ".join(summary_lines(results, card))[:10240]
-    clean_copied_attributes(sc, source)
     return sc
