@@ -19,7 +19,6 @@ from worker.findings import FindingResult, ModelCard
 from worker.imaging.decode import decode_instance
 from worker.outputs.kos import build_key_object_selection
 from worker.outputs.report import build_report_sr
-from worker.outputs.summary import build_summary_sc
 from worker.outputs.sr import (
     DEMO_LABEL,
     FindingsSRError,
@@ -27,6 +26,7 @@ from worker.outputs.sr import (
     derive_uid,
     read_findings_sr,
 )
+from worker.outputs.summary import build_summary_sc
 from worker.templates import (
     TEMPLATES_DIR_ENV,
     CodeMapError,
