@@ -84,7 +84,11 @@ class PeerPolicy:
         address = assoc.requestor.address if assoc.requestor.address_info else ""
         if self.allows(calling_aet, address):
             return
-        log.warning("association from %r at %s rejected: peer not allowed", calling_aet, address)
+        log.warning(
+            "association from calling AE [%s] at %s rejected: peer not allowed",
+            calling_aet,
+            address,
+        )
         # What pynetdicom's ACSE does for a calling AE title it does not know: reject, tell the
         # handlers, and wait until the reject has gone out before the thread ends.
         assoc.acse.send_reject(*_REJECT_UNKNOWN_PEER)

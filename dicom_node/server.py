@@ -37,6 +37,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.logs import configure_logging
 from dicom_node.spool import Spool
 from dicom_node.stream import StoreHandler, lighter_association_setup, streaming_request_handler
 
@@ -165,11 +166,9 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-associations", type=int, required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
+    configure_logging(
+        args.log_level, format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s"
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     channel = socket.socket(fileno=args.fd)
     _child(channel, sys.stdin.read(), args.max_associations)
     return 0

@@ -59,21 +59,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from worker.service import configure_logging, run_serve
+    from dicom_node.logs import configure_logging
+    from worker.service import run_serve
 
     configure_logging(args.log_level)
     return run_serve(_settings(args), args.config)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from worker.service import configure_logging, run_node
+    from dicom_node.logs import configure_logging
+    from worker.service import run_node
 
     configure_logging(args.log_level)
     return run_node(_settings(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.service import configure_logging, run_worker
+    from dicom_node.logs import configure_logging
+    from worker.service import run_worker
 
     configure_logging(args.log_level)
     settings = _settings(args)
@@ -355,9 +358,10 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
+    from dicom_node.logs import configure_logging
     from dicom_node.node import build_storage_scp
     from dicom_node.recovery import reindex_spool
-    from worker.service import configure_logging, node_config
+    from worker.service import node_config
 
     configure_logging("INFO")
     settings = _settings(args)

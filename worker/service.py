@@ -28,15 +28,6 @@ log = logging.getLogger(__name__)
 ROUTINE_NICE = 10
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
 def node_config(settings: Settings, broker_url: str) -> NodeConfig:
     return NodeConfig(
         listener=settings.listener,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pydicom
 import pytest
@@ -19,10 +21,7 @@ from tests.servers import Orthanc, echoscu, free_port, port_open, storescu
 from worker.settings import Settings, write_settings
 
 
-@pytest.mark.e2e
-def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
-    tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path
-) -> None:
+def _settings(tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path) -> Settings:
     settings = Settings()
     settings.listener.port = free_port()
     settings.storage.data_dir = tmp_path / "data"
@@ -32,20 +31,43 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
             name="pacs", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port
         )
     ]
-    config = tmp_path / "site.yaml"
+    return settings
+
+
+def _start_serve(settings: Settings, config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """``pacs-ai serve`` with everything it prints in ``log``, once its listener answers."""
     write_settings(settings, config)
-    log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "serve", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    deadline = time.time() + 60
+    while not port_open("127.0.0.1", settings.listener.port) and time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()
+        time.sleep(0.2)
+    assert echoscu("127.0.0.1", settings.listener.port, "PACSAI").returncode == 0
+    return proc
+
+
+def _stop_serve(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
     try:
-        deadline = time.time() + 60
-        while not port_open("127.0.0.1", settings.listener.port) and time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
-        assert echoscu("127.0.0.1", settings.listener.port, "PACSAI").returncode == 0
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.mark.e2e
+def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
+    tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path
+) -> None:
+    settings = _settings(tmp_path, orthanc, demo_model_dir)
+    config = tmp_path / "site.yaml"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = _start_serve(settings, config, log)
+    try:
         files = small_study(
             tmp_path / "in", kind="pneumothorax", seed=3, patient_id="SERVE-1", size=256
         )
@@ -99,12 +121,7 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
         ).read_text()[-3000:]
         index.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = _stop_serve(proc)
         log.close()
     assert code == 0
     assert not port_open("127.0.0.1", settings.listener.port), (
@@ -120,3 +137,51 @@ def _worker_pids(config: Path) -> set[int]:
         ["pgrep", "-f", f"worker.cli worker .*--config {config}"], capture_output=True, text=True
     )
     return {int(pid) for pid in found.stdout.split()}
+
+
+@pytest.mark.e2e
+def test_serve_logs_no_patient_data_when_the_libraries_complain_about_its_values(
+    tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path
+) -> None:
+    # Values a PACS really sends and pydicom or highdicom complain about, quoting them: a name of
+    # one component (no caret), a birth date and a sex in the wrong format. The study still gets
+    # its SR, and none of them reaches the log.
+    name, birth_date, sex, patient_id = "PRIVACYSENTINEL", "1961-07-04", "male", "PID-SENTINEL-7"
+    files = small_study(tmp_path / "in", kind="normal", seed=5, patient_id=patient_id, size=256)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = name
+        ds.PatientBirthDate = birth_date
+        ds.PatientSex = sex
+        ds.save_as(path)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    settings = _settings(tmp_path, orthanc, demo_model_dir)
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
+    proc = _start_serve(settings, tmp_path / "site.yaml", log)
+    try:
+        sent = storescu(files, host="127.0.0.1", port=settings.listener.port, called_aet="PACSAI")
+        assert sent.returncode == 0
+        index = Index(settings.index_url)
+        deadline = time.time() + 120
+        result = None
+        while time.time() < deadline and result is None:
+            done = [j for j in index.study_jobs(study_uid) if j.status == JobStatus.DONE]
+            result = done[0].result if done else None
+            time.sleep(0.2)
+        index.close()
+        assert result is not None, log_path.read_text()[-3000:]
+        sr = pydicom.dcmread(io.BytesIO(orthanc.wait_for_sop(result["sr_sop_instance_uid"], 60)))
+    finally:
+        assert _stop_serve(proc) == 0
+        log.close()
+    text = log_path.read_text()
+    # What was wrong is there for the operator, without the values.
+    assert "is unlikely to represent the intended person name" in text
+    assert "source PatientBirthDate is not a valid DA; left out" in text
+    assert "source PatientSex is not a valid CS; left out" in text
+    for value in (name, birth_date, sex, patient_id):
+        assert value not in text, f"{value!r} is in the log"
+    # The SR still carries the patient's data as received (it goes to the PACS, not to a log).
+    assert str(sr.PatientName) == name
+    assert sr.PatientID == patient_id

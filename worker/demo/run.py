@@ -22,6 +22,7 @@ from rich.table import Table
 
 from dicom_node.errors import DestinationRejected, DestinationUnavailable
 from dicom_node.index import DeliveryStatus, Index, JobStatus, StudyStatus
+from dicom_node.logs import configure_logging
 from dicom_node.scu import RemoteNode, send_files
 from dicom_node.settings import DestinationSettings
 from worker.demo.pacs import DemoPacs
@@ -193,13 +194,7 @@ def run_demo(workdir: Path, *, include_real: bool = True, real_dir: Path | None 
     shutil.rmtree(workdir / "pacs", ignore_errors=True)
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        filename=workdir / "logs" / "node.log",
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    configure_logging(logging.INFO, filename=workdir / "logs" / "node.log", force=True)
 
     model_dir = workdir / "models" / "demo-cxr"
     if (model_dir / "config.json").is_file():

@@ -296,7 +296,12 @@ def conformant_header(source: pydicom.Dataset) -> pydicom.Dataset:
         if element.keyword == "StudyInstanceUID":
             raise FindingsSRError("the source images have an invalid Study Instance UID")
         # The keyword only: values are patient data and stay out of logs.
-        logger.warning("source %s is not a valid %s; left out", element.keyword, element.VR)
+        logger.warning(
+            "study %s: source %s is not a valid %s; left out",
+            source.get("StudyInstanceUID", ""),
+            element.keyword,
+            element.VR,
+        )
         if element.keyword in _TYPE_2_COPIED:
             header.add_new(element.tag, element.VR, None)
     return header
