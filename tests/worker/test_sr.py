@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import subprocess
 from pathlib import Path
@@ -145,6 +146,13 @@ def _two_view_study() -> list[pydicom.Dataset]:
     return [_cr_image(study, series, "PA", 1), _cr_image(study, series, "LL", 2)]
 
 
+def _round_trip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` as the worker reads it: encoded to bytes and parsed again."""
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(encoded.getvalue()))
+
+
 def _write(sr: pydicom.Dataset, path: Path) -> Path:
     pydicom.dcmwrite(path, sr, enforce_file_format=True)
     return path
@@ -197,22 +205,13 @@ def test_real_siim_cr_sr_leaves_out_the_malformed_patient_age(tmp_path: Path) ->
     assert sr.StudyInstanceUID == source.StudyInstanceUID
 
 
-def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_still_validates(
-    tmp_path: Path,
-) -> None:
-    # Values real PACS traffic carries and highdicom cannot convert: before, building the SR
-    # failed, and the study got no SR and no alert.
-    sources = _two_view_study()
-    for ds in sources:
-        ds.PatientName = "Synthetic"  # one component: valid, only unusual
-        ds.PatientBirthDate = "1961-07-04"
-        ds.PatientSex = "male"
-        ds.StudyDate = "2024-01-02"
-        ds.StudyTime = "10:15"
-        ds.PatientAge = "62"
-    results = _results(str(sources[0].SOPInstanceUID))
+def _every_output(
+    sources: list[pydicom.Dataset], results: list[FindingResult], folder: Path
+) -> dict[str, pydicom.Dataset]:
+    """Findings SR, draft SR, KOS and summary image of ``sources``, each written, checked with
+    ``dciodvfy`` and read back."""
     sr = build_findings_sr(sources, results, CARD, manufacturer="pacs-ai-worker")
-    outputs = {
+    built = {
         "findings": sr,
         "draft": build_report_sr(sources, results, CARD, sr, manufacturer="pacs-ai-worker"),
         "kos": build_key_object_selection(
@@ -227,12 +226,31 @@ def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_s
             manufacturer="pacs-ai-worker",
         ),
     }
-    for kind, output in outputs.items():
-        path = _write(output, tmp_path / f"{kind}.dcm")
+    written = {}
+    for kind, output in built.items():
+        path = _write(output, folder / f"{kind}.dcm")
         validation = dciodvfy(path)
         errors = [line for line in validation.output.splitlines() if line.startswith("Error")]
         assert not errors, f"{kind}: {validation.output}"
-        written = pydicom.dcmread(path)
+        written[kind] = pydicom.dcmread(path)
+    return written
+
+
+def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_still_validates(
+    tmp_path: Path,
+) -> None:
+    # Values real PACS traffic carries and highdicom cannot convert: before, building the SR
+    # failed, and the study got no SR and no alert.
+    sources = _two_view_study()
+    for ds in sources:
+        ds.PatientName = "Synthetic"  # one component: valid, only unusual
+        ds.PatientBirthDate = "1961-07-04"
+        ds.PatientSex = "male"
+        ds.StudyDate = "2024-01-02"
+        ds.StudyTime = "10:15"
+        ds.PatientAge = "62"
+    results = _results(str(sources[0].SOPInstanceUID))
+    for kind, written in _every_output(sources, results, tmp_path).items():
         # Type 2: present and empty; Type 3: left out. The patient is still who the images say.
         for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
             assert keyword in written and not written[keyword].value, f"{kind}: {keyword}"
@@ -243,6 +261,24 @@ def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_s
     # The images themselves keep what they arrived with.
     assert sources[0].PatientBirthDate == "1961-07-04"
     assert sources[0].PatientSex == "male"
+
+
+def test_japanese_names_in_the_standard_character_set_form_reach_every_output(
+    tmp_path: Path,
+) -> None:
+    # PS3.5 H.3.1: value 1 of Specific Character Set empty (ISO 2022 IR 6), then ISO 2022 IR 87.
+    # highdicom refuses the empty value 1: before, a study sent this way failed its job.
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    sources = []
+    for ds in _two_view_study():
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = name
+        sources.append(_round_trip(ds))
+    assert str(sources[0].PatientName) == name
+    results = _results(str(sources[0].SOPInstanceUID))
+    for kind, written in _every_output(sources, results, tmp_path).items():
+        assert str(written.PatientName) == name, kind
+        assert written.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"], kind
 
 
 def test_two_view_synthetic_study_sr_is_valid_and_keeps_per_finding_sources(

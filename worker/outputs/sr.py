@@ -270,6 +270,8 @@ _STUDY_KEYWORDS = frozenset(
 # Sex must be one of the enumerated values.
 _TEMPORAL = {"DA": DA, "TM": TM, "DT": DT}
 _PATIENT_SEX = frozenset({"", "M", "F", "O"})
+# ISO 646 with code extensions: the character set of an empty value 1 (PS3.3 C.12.1.1.2).
+_DEFAULT_EXTENSION = "ISO 2022 IR 6"
 # The header ends where overlays and pixel data begin.
 _HEADER_END = 0x60000000
 
@@ -289,6 +291,11 @@ def conformant_header(source: pydicom.Dataset) -> pydicom.Dataset:
     for element in source:
         if element.tag >= _HEADER_END:
             break
+        if element.keyword == "SpecificCharacterSet":
+            character_set = _character_set(element)
+            if character_set is not None:
+                header.add(character_set)
+            continue
         copied = element.tag.group == 0x0010 or element.keyword in _STUDY_KEYWORDS
         if not copied or element.VR == "SQ" or _conformant(element):
             header.add(element)
@@ -305,6 +312,26 @@ def conformant_header(source: pydicom.Dataset) -> pydicom.Dataset:
         if element.keyword in _TYPE_2_COPIED:
             header.add_new(element.tag, element.VR, None)
     return header
+
+
+def _character_set(element: pydicom.DataElement) -> pydicom.DataElement | None:
+    """Specific Character Set in a form highdicom takes; None for the default repertoire.
+
+    highdicom refuses an empty value 1, which the standard allows and means ISO 2022 IR 6
+    (PS3.3 C.12.1.1.2: the usual Japanese ``\\ISO 2022 IR 87``), and a code extension term
+    alone; both are spelt out here with the same meaning.
+    """
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    terms = [str(value or "").strip() for value in values]
+    if len(terms) > 1 and not terms[0]:
+        terms[0] = _DEFAULT_EXTENSION
+    elif len(terms) == 1 and terms[0].startswith("ISO 2022"):
+        if terms[0] == _DEFAULT_EXTENSION:
+            return None
+        terms.insert(0, _DEFAULT_EXTENSION)
+    if terms == list(values):
+        return element
+    return pydicom.DataElement(element.tag, "CS", terms if len(terms) > 1 else terms[0])
 
 
 def _conformant(element: pydicom.DataElement) -> bool:
