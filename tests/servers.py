@@ -664,7 +664,10 @@ class MllpReceiver:
                 writer.close()
 
         async def serve() -> Any:
-            return await hl7.mllp.start_hl7_server(handle, host=LOOPBACK, port=self._port)
+            # UTF-8, as the messages' MSH-18 says when they are not ASCII.
+            return await hl7.mllp.start_hl7_server(
+                handle, host=LOOPBACK, port=self._port, encoding="utf-8"
+            )
 
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)

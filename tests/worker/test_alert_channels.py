@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -87,6 +88,30 @@ def test_hl7_oru_r01_is_accepted_and_parses_with_critical_flag_and_preliminary_s
     assert str(observations[0][3]).startswith("36118008^Pneumothorax^SCT")
     assert float(str(observations[1][5])) == pytest.approx(0.9731)
     assert "DEMO / NOT FOR CLINICAL USE" in mllp_receiver.raw[0]
+
+
+@pytest.mark.parametrize(
+    ("dicom_name", "hl7_name"),
+    [
+        # PS3.5 H.3.1: alphabetic=ideographic=phonetic; HL7 gets the alphabetic group.
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada^Tarou"),
+        ("=山田^太郎=やまだ^たろう", "山田^太郎"),  # no alphabetic group: the ideographic one
+        ("Müller^Jürgen^Hans", "Müller^Jürgen^Hans"),
+    ],
+)
+def test_hl7_patient_name_is_one_name_group_and_a_non_ascii_one_says_its_character_set(
+    mllp_receiver: MllpReceiver, dicom_name: str, hl7_name: str
+) -> None:
+    alert = dataclasses.replace(ALERT, patient_name=dicom_name)
+    ack = send_mllp("127.0.0.1", mllp_receiver.port, oru_r01(alert, control_id="A8"))
+    assert "MSA|AA|A8" in ack
+    [message] = mllp_receiver.messages
+    assert str(message.segment("PID")[5]) == hl7_name
+    msh = message.segment("MSH")
+    if hl7_name.isascii():
+        assert len(msh) <= 13  # no MSH-18: the default, ASCII
+    else:
+        assert str(msh[18]) == "UNICODE UTF-8"
 
 
 def test_hl7_receiver_that_rejects_raises_with_its_answer() -> None:

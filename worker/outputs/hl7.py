@@ -35,6 +35,20 @@ def _segment(name: str, fields: Sequence[str]) -> str:
     return "|".join([name, *fields])
 
 
+def _person_name(dicom_name: str) -> list[str]:
+    """HL7 XPN family^given^middle from a DICOM PN.
+
+    A DICOM name may hold three groups, alphabetic=ideographic=phonetic (Japanese, Korean,
+    Chinese names); HL7 gets the alphabetic one, or the ideographic one where that is all there is.
+    """
+    groups = dicom_name.split("=")
+    group = groups[0] if groups[0] or len(groups) == 1 else groups[1]
+    parts = group.split("^")[:3]
+    while len(parts) > 1 and not parts[-1]:
+        parts.pop()
+    return parts
+
+
 def oru_r01(
     alert: Alert,
     *,
@@ -50,7 +64,7 @@ def oru_r01(
     coded = (
         f"{escape(alert.finding_code)}^{escape(name)}^SCT" if alert.finding_code else escape(name)
     )
-    family, _, given = alert.patient_name.partition("^")
+    person = _person_name(alert.patient_name)
     segments = [
         "MSH|^~\\&|"
         + "|".join(
@@ -74,7 +88,7 @@ def oru_r01(
                 "",
                 f"{escape(alert.patient_id)}^^^^MR",
                 "",
-                f"{escape(family)}^{escape(given.split('^')[0])}",
+                "^".join(escape(part) for part in person),
             ],
         ),
         _segment("ORC", ["RE", "", escape(alert.accession_number)]),
@@ -128,6 +142,9 @@ def oru_r01(
     if alert.ack_url:
         nte_id = str(sum(1 for s in segments if s.startswith("NTE|")) + 1)
         segments.append(_segment("NTE", [nte_id, "L", escape(f"Acknowledge: {alert.ack_url}")]))
+    if not all(segment.isascii() for segment in segments):
+        # MSH-13..17 empty, MSH-18 the character set: without it a receiver reads ASCII.
+        segments[0] += "|" * 6 + "UNICODE UTF-8"
     return SEGMENT_END.join(segments) + SEGMENT_END
 
 
