@@ -249,10 +249,17 @@ def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_s
         ds.StudyDate = "2024-01-02"
         ds.StudyTime = "10:15"
         ds.PatientAge = "62"
+        ds.ReferringPhysicianName = "Doe^John^A^Dr^MD^PhD"  # six components, five allowed
     results = _results(str(sources[0].SOPInstanceUID))
     for kind, written in _every_output(sources, results, tmp_path).items():
         # Type 2: present and empty; Type 3: left out. The patient is still who the images say.
-        for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):
+        for keyword in (
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+        ):
             assert keyword in written and not written[keyword].value, f"{kind}: {keyword}"
         assert "PatientAge" not in written, kind
         assert str(written.PatientName) == "Synthetic", kind
@@ -261,6 +268,21 @@ def test_malformed_patient_and_study_values_are_left_out_of_every_output_which_s
     # The images themselves keep what they arrived with.
     assert sources[0].PatientBirthDate == "1961-07-04"
     assert sources[0].PatientSex == "male"
+
+
+def test_absent_patient_and_study_attributes_are_present_and_empty_in_every_output(
+    tmp_path: Path,
+) -> None:
+    # Type 2 in the images too, yet some senders leave them out: before, the job failed.
+    absent = ("PatientName", "PatientID", "StudyID", "AccessionNumber", "StudyDate", "StudyTime")
+    sources = _two_view_study()
+    for ds in sources:
+        for keyword in absent:
+            delattr(ds, keyword)
+    results = _results(str(sources[0].SOPInstanceUID))
+    for kind, written in _every_output(sources, results, tmp_path).items():
+        for keyword in absent:
+            assert keyword in written and not written[keyword].value, f"{kind}: {keyword}"
 
 
 def test_japanese_names_in_the_standard_character_set_form_reach_every_output(

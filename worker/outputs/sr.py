@@ -311,6 +311,9 @@ def conformant_header(source: pydicom.Dataset) -> pydicom.Dataset:
         )
         if element.keyword in _TYPE_2_COPIED:
             header.add_new(element.tag, element.VR, None)
+    for keyword in _TYPE_2_COPIED:
+        if keyword not in header:  # absent in the images (they too must have it): empty here
+            setattr(header, keyword, None)
     return header
 
 
@@ -341,6 +344,9 @@ def _conformant(element: pydicom.DataElement) -> bool:
             validate_value(element.VR, value, config.RAISE)
             if element.VR in _TEMPORAL and value not in (None, ""):
                 _TEMPORAL[element.VR](value)
+            # pydicom counts the groups of a name but not the components of each (at most 5).
+            if element.VR == "PN" and any(g.count("^") > 4 for g in str(value or "").split("=")):
+                return False
     except ValueError:
         return False
     return element.keyword != "PatientSex" or (element.value or "") in _PATIENT_SEX
