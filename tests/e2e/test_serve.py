@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pydicom
 import pytest
@@ -50,6 +50,17 @@ def _start_serve(settings: Settings, config: Path, log: IO[bytes]) -> subprocess
     return proc
 
 
+def _done_job_result(index: Index, study_uid: str, timeout: float = 120) -> dict[str, Any] | None:
+    """The result of the study's first job to finish, or None if none does in time."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [j for j in index.study_jobs(study_uid) if j.status == JobStatus.DONE]
+        if done and done[0].result is not None:
+            return done[0].result
+        time.sleep(0.2)
+    return None
+
+
 def _stop_serve(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -79,12 +90,7 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
         )
         study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         index = Index(settings.index_url)
-        deadline = time.time() + 120
-        result = None
-        while time.time() < deadline and result is None:
-            done = [j for j in index.study_jobs(study_uid) if j.status == JobStatus.DONE]
-            result = done[0].result if done else None
-            time.sleep(0.2)
+        result = _done_job_result(index, study_uid)
         assert result is not None, (tmp_path / "serve.log").read_text()[-3000:]
         orthanc.wait_for_sop(result["sr_sop_instance_uid"], timeout=60)
 
@@ -163,12 +169,7 @@ def test_serve_logs_no_patient_data_when_the_libraries_complain_about_its_values
         sent = storescu(files, host="127.0.0.1", port=settings.listener.port, called_aet="PACSAI")
         assert sent.returncode == 0
         index = Index(settings.index_url)
-        deadline = time.time() + 120
-        result = None
-        while time.time() < deadline and result is None:
-            done = [j for j in index.study_jobs(study_uid) if j.status == JobStatus.DONE]
-            result = done[0].result if done else None
-            time.sleep(0.2)
+        result = _done_job_result(index, study_uid)
         index.close()
         assert result is not None, log_path.read_text()[-3000:]
         sr = pydicom.dcmread(io.BytesIO(orthanc.wait_for_sop(result["sr_sop_instance_uid"], 60)))
