@@ -117,7 +117,18 @@ class StudyAssembler(BackgroundPass):
             seen_last_received_at=seen,
         )
         if job_id is not None:
-            log.info("study %s complete: %s (job %s)", uid, route.reason, job_id)
+            # The rule's name, not its conditions: the logs withhold the quoted values those show
+            # (dicom_node.logs); the index keeps the whole reason (pacs-ai studies, route explain).
+            urgent = f"; urgent: {route.urgent_because}" if route.urgent_because else ""
+            log.info(
+                "study %s complete: rule %s → %s (%s%s, job %s)",
+                uid,
+                rule.name,
+                route.pipeline,
+                route.priority,
+                urgent,
+                job_id,
+            )
 
     def _publish_pending(self) -> int:
         published = 0
