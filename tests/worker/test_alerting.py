@@ -8,12 +8,15 @@ from typing import Any
 import pydicom
 import pytest
 
-from dicom_node.index import Index
+from dicom_node.index import Index, JobStatus
+from tests.dicom_node.helpers import small_study
 from tests.servers import MllpReceiver, free_port
 from worker.alerting import AlertDispatcher, raise_alerts
 from worker.demo.sink import WebhookSink
 from worker.findings import FindingResult, ModelCard
-from worker.settings import AlertSettings
+from worker.outputs import sr as findings_sr
+from worker.settings import AlertSettings, Settings
+from worker.tasks import process_study
 
 CARD = ModelCard(
     "pacs-ai-demo-cxr-triage", "1.0.0", "pacs-ai-worker", ("pneumothorax",), True, "ab" * 32
@@ -107,3 +110,45 @@ def test_unacknowledged_alert_escalates_by_email_and_an_acknowledged_one_does_no
     assert ("1.2.3.100", "escalation-email") in channels
     assert ("1.2.3.200", "escalation-email") not in channels
     assert ignored != acked
+
+
+def test_an_urgent_finding_is_alerted_even_when_its_sr_cannot_be_built(
+    tmp_path: Path,
+    demo_model_dir: Path,
+    webhook_sink: WebhookSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.worker.test_amend import Site
+
+    def alert_by_webhook(settings: Settings) -> None:
+        settings.alerts.webhook.url = webhook_sink.url
+        settings.alerts.webhook.secret = "test-secret"
+
+    site = Site(tmp_path, demo_model_dir, alert_by_webhook)
+    try:
+        paths = small_study(tmp_path / "in", kind="pneumothorax", seed=3, size=256)
+        images = [pydicom.dcmread(p) for p in paths]
+        study_uid = str(images[0].StudyInstanceUID)
+        site.receive(paths)
+        job_id = site.complete(study_uid)
+
+        def broken(*_: Any, **__: Any) -> pydicom.Dataset:
+            # Stands for a builder bug not found yet (as malformed headers were).
+            raise findings_sr.FindingsSRError("the SR builder failed")
+
+        monkeypatch.setattr(findings_sr, "build_findings_sr", broken)
+        with pytest.raises(findings_sr.FindingsSRError):
+            process_study(site.ctx, job_id)
+
+        [alert] = site.index.study_alerts(study_uid)
+        assert alert["finding"] == "pneumothorax" and alert["status"] == "delivered"
+        [(_, body)] = webhook_sink.received()
+        assert body["study_instance_uid"] == study_uid
+        # It names the SR the job would have made (the UID a successful re-run gives it).
+        sr_uid = findings_sr.findings_sr_uid(images, site.ctx.cxr_classifier().card)
+        assert body["sr_sop_instance_uid"] == sr_uid
+        job = site.index.job(job_id)
+        assert job is not None and job.status == JobStatus.FAILED
+        assert "the SR builder failed" in (job.error or "")
+    finally:
+        site.close()

@@ -7,6 +7,7 @@ ones they replace, so the PACS holds both, linked, and a viewer shows the newest
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -173,10 +174,17 @@ class Site:
     """A worker with its index and the demo model; images 'arrive' as index rows, as the SCP
     records them, and each run is the job the node creates for the (re)completed study."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        model_dir: Path,
+        configure: Callable[[Settings], None] | None = None,
+    ) -> None:
         settings = Settings()
         settings.storage.data_dir = tmp_path / "data"
         settings.models.cxr_triage.path = model_dir
+        if configure is not None:
+            configure(settings)
         self.ctx = WorkerContext(settings)
         self.index: Index = self.ctx.index
 

@@ -133,6 +133,15 @@ def decide_findings(
 FindingsReady = Callable[[list[FindingResult], Dataset, ModelCard], None]
 
 
+def _alert_header(image: Dataset, sr_uid: str) -> Dataset:
+    """What an alert needs of the findings SR (study, patient, accession, SR UID), from an image."""
+    header = Dataset()
+    for keyword in ("StudyInstanceUID", "AccessionNumber", "PatientID", "PatientName", "StudyDate"):
+        setattr(header, keyword, str(image.get(keyword, "") or ""))
+    header.SOPInstanceUID = sr_uid
+    return header
+
+
 def run(
     records: Sequence[InstanceRecord],
     classifier: Classifier,
@@ -169,14 +178,23 @@ def run(
         replaces[kind] = str(found.SOPInstanceUID)
         return found
 
-    sr = findings_sr.build_findings_sr(
-        images,
-        findings,
-        card,
-        manufacturer=manufacturer,
-        institution_name=institution_name,
-        previous_version=amends(findings_sr.KIND, findings_sr.findings_sr_uid(images, card)),
-    )
+    sr_uid = findings_sr.findings_sr_uid(images, card)
+    try:
+        sr = findings_sr.build_findings_sr(
+            images,
+            findings,
+            card,
+            manufacturer=manufacturer,
+            institution_name=institution_name,
+            previous_version=amends(findings_sr.KIND, sr_uid),
+        )
+    except Exception:
+        # An urgent finding is alerted even when its document cannot be built: whoever waits
+        # for the alert needs the finding, not the SR. The job still fails, and says why.
+        if on_findings is not None and any(f.urgent for f in findings):
+            log.error("findings SR not built; alerting the urgent findings from the images")
+            on_findings(findings, _alert_header(images[0], sr_uid), card)
+        raise
     if on_findings is not None:
         on_findings(findings, sr, card)
     report = report_sr.build_report_sr(
