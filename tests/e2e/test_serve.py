@@ -174,8 +174,9 @@ def test_serve_logs_no_patient_data_when_the_libraries_complain_about_its_values
         assert result is not None, log_path.read_text()[-3000:]
         sr = pydicom.dcmread(io.BytesIO(orthanc.wait_for_sop(result["sr_sop_instance_uid"], 60)))
     finally:
-        assert _stop_serve(proc) == 0
+        code = _stop_serve(proc)
         log.close()
+    assert code == 0
     text = log_path.read_text()
     # What was wrong is there for the operator, without the values.
     assert "is unlikely to represent the intended person name" in text
