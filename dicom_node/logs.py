@@ -35,7 +35,15 @@ class WithholdQuoted(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = withhold_quoted(record.getMessage())
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A broken logging call (arguments that do not fit): logging would print them to
+            # standard error; and an exception here would reach the caller.
+            message = (
+                f"unformattable log message from {record.name} ({record.pathname}:{record.lineno})"
+            )
+        record.msg = withhold_quoted(message)
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = _TRACEBACK.formatException(record.exc_info)

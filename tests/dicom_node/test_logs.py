@@ -27,6 +27,9 @@ try:
 except ValueError:
     logging.getLogger("pacs_ai.job").exception("building the SR failed")
 logging.getLogger("pacs_ai.job").info("study %s done", "1.2.3")
+# A library's broken call neither raises here nor prints its arguments.
+logging.getLogger("somelib").warning("patient %s at %s", "SENTINELNAME")
+logging.getLogger("pacs_ai.job").info("still logging")
 """
 
 
@@ -47,6 +50,7 @@ def test_library_complaints_are_logged_without_the_values_they_quote(tmp_path: P
     assert "ValueError: Unable to convert" in text
     assert 'File "' in text  # traceback lines that say where are kept as they are
     assert "study 1.2.3 done" in text  # our own messages are untouched
+    assert "unformattable log message from somelib" in text and "still logging" in text
     # ... the values are not, in the log or on standard error.
     for value in ("1961-07-04", "SENTINELNAME"):
         assert value not in text
