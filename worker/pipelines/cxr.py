@@ -180,8 +180,11 @@ def run(
 
     sr_uid = findings_sr.findings_sr_uid(images, card)
     try:
+        # Once per study: what the documents copy of the images, made conformant, so that what
+        # is left out is logged once; the builders then find nothing more to leave out.
+        headers = [findings_sr.conformant_header(ds) for ds in images]
         sr = findings_sr.build_findings_sr(
-            images,
+            headers,
             findings,
             card,
             manufacturer=manufacturer,
@@ -198,7 +201,7 @@ def run(
     if on_findings is not None:
         on_findings(findings, sr, card)
     report = report_sr.build_report_sr(
-        images,
+        headers,
         findings,
         card,
         sr,
@@ -207,9 +210,14 @@ def run(
         previous_version=amends(report_sr.KIND, report_sr.report_sr_uid(sr)),
     )
     kos = None
-    if key_images and key_objects.key_images(images, findings):
+    if key_images and key_objects.key_images(headers, findings):
         kos = key_objects.build_key_object_selection(
-            images, findings, card, sr, manufacturer=manufacturer, institution_name=institution_name
+            headers,
+            findings,
+            card,
+            sr,
+            manufacturer=manufacturer,
+            institution_name=institution_name,
         )
         # A KOS cannot name a predecessor; the lookup only records which one it replaces.
         amends(key_objects.KIND, str(kos.SOPInstanceUID))
@@ -217,8 +225,9 @@ def run(
     if summary_image:
         # The frontal image with the study's most urgent evidence: the one behind the top finding.
         best = max(range(len(decoded)), key=lambda i: max(scores[i].values()))
+        header = next(h for h in headers if h.SOPInstanceUID == frontal[best].SOPInstanceUID)
         summary = summary_sc.build_summary_sc(
-            frontal[best], decoded[best], findings, card, sr, manufacturer=manufacturer
+            header, decoded[best], findings, card, sr, manufacturer=manufacturer
         )
     return CxrResult(
         summary=summary,
