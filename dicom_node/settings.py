@@ -21,9 +21,8 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
-AE_TITLE_RE = re.compile(
-    r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
-)  # default character repertoire, no backslash
+# The default character repertoire, no backslash; matched whole (fullmatch: no trailing newline).
+AE_TITLE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
 
 class Strict(BaseModel):
@@ -33,7 +32,7 @@ class Strict(BaseModel):
 
 
 def _check_ae_title(value: str) -> str:
-    if not AE_TITLE_RE.match(value) or not value.strip():
+    if not AE_TITLE_RE.fullmatch(value) or not value.strip():
         raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
     return value.strip()
 
@@ -197,7 +196,7 @@ class DestinationSettings(Strict):
 
 # Routing conditions may test these besides DICOM attributes.
 AE_FIELDS = ("calling_aet", "called_aet")
-_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+_TAG_RE = re.compile(r"\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?")
 
 
 def parse_tag_path(path: str) -> tuple[int, ...]:
@@ -205,7 +204,7 @@ def parse_tag_path(path: str) -> tuple[int, ...]:
     tags = []
     for part in path.split("."):
         part = part.strip()
-        found = _TAG_RE.match(part)
+        found = _TAG_RE.fullmatch(part)
         if found:
             tags.append(int(found.group(1) + found.group(2), 16))
             continue

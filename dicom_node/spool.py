@@ -25,7 +25,7 @@ from dicom_node.errors import OutOfResources
 
 # A DICOM UID: dot-separated numbers without leading zeros, at most 64 characters. Validated before a
 # UID becomes a path part so that no sender can write outside the spool.
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 PARTIAL_SUFFIX = ".partial"
 INCOMING_DIR = ".incoming"
 # While an instance arrives, its bytes are flushed to the disk in the background every this many
@@ -68,7 +68,7 @@ _start_writeback = _writeback_starter()
 
 def is_valid_uid(value: str) -> bool:
     """True for a syntactically valid DICOM UID (safe to use as a path part)."""
-    return 0 < len(value) <= 64 and UID_RE.match(value) is not None
+    return 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
 
 
 def _fsync_dir(path: Path) -> None:

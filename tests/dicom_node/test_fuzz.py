@@ -81,6 +81,8 @@ BAD_UIDS = st.sampled_from(
         "1.2.3 4",
         "1." + "2" * 70,
         "1.2.3\x00../x",
+        "1.2.3\n",
+        "1.2.840.10008.1\n\n",
     ]
 ) | st.text(alphabet="0123456789./\\-_ab", min_size=1, max_size=80)
 

@@ -183,6 +183,27 @@ def test_image_without_pixel_data_is_refused(node: DicomNode, tmp_path: Path) ->
     assert "pixel data" in node.index.list_quarantine()[0].reason
 
 
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_uid_ending_in_a_newline_is_refused_and_makes_no_folder(
+    node: DicomNode, tmp_path: Path, keyword: str
+) -> None:
+    good = small_study(tmp_path / "in")[0]
+    ds = pydicom.dcmread(good)
+    # pydicom strips a UID it writes, so the newline goes into the bytes: the last digit of the
+    # UID (in the file meta too, for the SOP Instance UID) becomes "\n", its length unchanged.
+    uid = str(ds.data_element(keyword).value).encode()
+    raw = good.read_bytes()
+    assert uid in raw
+    path = tmp_path / "newline.dcm"
+    path.write_bytes(raw.replace(uid, uid[:-1] + b"\n"))
+    status = send_raw(path, node.port, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assert status == 0xA900
+    assert "not a valid UID" in node.index.list_quarantine()[0].reason
+    made = [p for p in node.spool.root.rglob("*") if "\n" in p.name]
+    assert made == [], f"a UID with a newline became a path: {made}"
+    assert node.index.list_studies() == []
+
+
 def test_association_with_only_unsupported_sop_classes_is_refused_and_listener_keeps_serving(
     node: DicomNode, tmp_path: Path
 ) -> None:
