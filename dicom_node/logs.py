@@ -18,8 +18,12 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 WITHHELD = "<withheld>"
-# Single- or double-quoted text on one line, backslash escapes included (Python's repr).
-_QUOTED = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*\"""")
+# Quoted text on one line: a quote that does not follow a letter or digit (so not the one in
+# "can't"), to the last quote of the same kind on the line that no letter or digit follows, or
+# to the end of the line when there is none. A value may hold the quotes around it (highdicom
+# writes the name SMI"TH as "SMI"TH"): the quoted text ends at the last candidate, not the first,
+# so that no part of the value is left out; two quoted values on one line are withheld together.
+_QUOTED = re.compile(r"""(?<!\w)(['"])(?:.*\1(?!\w)|.*)""")
 _TRACEBACK = logging.Formatter()
 
 

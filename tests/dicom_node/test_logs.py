@@ -22,6 +22,8 @@ from highdicom.valuerep import check_person_name
 ds = pydicom.Dataset()
 ds.PatientBirthDate = "1961-07-04"  # pydicom warns and logs, quoting the value
 check_person_name("SENTINELNAME")  # highdicom warns, quoting the name
+check_person_name('QUOTE"SENTINEL')  # a quote inside the name must not end the withheld part
+ds.PatientBirthDate = "19'SENTINELDATE"
 try:
     pydicom.valuerep.DA("1961-07-04")
 except ValueError:
@@ -52,7 +54,7 @@ def test_library_complaints_are_logged_without_the_values_they_quote(tmp_path: P
     assert "study 1.2.3 done" in text  # our own messages are untouched
     assert "unformattable log message from somelib" in text and "still logging" in text
     # ... the values are not, in the log or on standard error.
-    for value in ("1961-07-04", "SENTINELNAME"):
+    for value in ("1961-07-04", "SENTINELNAME", "SENTINEL", "SENTINELDATE"):
         assert value not in text
         assert value not in run.stderr
 
@@ -64,3 +66,11 @@ def test_quoted_text_is_withheld_whatever_the_quotes() -> None:
     assert withhold_quoted(r"""value 'O\'BR"IEN' here""") == f"value {WITHHELD} here"
     assert withhold_quoted("""ValueError("can't convert 'x'")""") == f"ValueError({WITHHELD})"
     assert withhold_quoted("nothing quoted: 1.2.840.10008") == "nothing quoted: 1.2.840.10008"
+    # A value holding the quote around it is withheld whole (highdicom writes "SMI"TH" ").
+    assert (
+        withhold_quoted('The string "SMI"TH" is unlikely') == f"The string {WITHHELD} is unlikely"
+    )
+    assert withhold_quoted('The string "SMITH" JR" is') == f"The string {WITHHELD} is"
+    # An apostrophe inside a word opens nothing; a quote that never closes hides the rest.
+    assert withhold_quoted("Couldn't parse 'SMITH' now") == f"Couldn't parse {WITHHELD} now"
+    assert withhold_quoted('name "SMITH and more') == f"name {WITHHELD}"
