@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -159,6 +160,33 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(value: object) -> str:
+    """Text from the index or a file as the terminal should show it: control characters escaped.
+
+    What a sender, a webhook receiver or a person at the acknowledgement link wrote (an AE
+    title, an error, a name) must not move the cursor, recolour or retitle the operator's
+    terminal, nor turn text around (Unicode format characters such as U+202E). Line breaks and
+    tabs of multi-line errors stay.
+    """
+    text = str(value)
+    return "".join(
+        c
+        if c in _KEPT or not unicodedata.category(c).startswith(("C", "Zl", "Zp"))
+        else _escaped(c)
+        for c in text
+    )
+
+
+_KEPT = frozenset("\n\t ")
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
@@ -175,7 +203,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
         print(
             f"{_when(s.last_received_at):19}  {s.status.value:10} {s.modality:4} "
             f"{s.instance_count:>4} {'yes' if s.urgent else '':6}  {s.study_instance_uid}"
-            + (f"\n{'':49}{s.reason}" if s.reason else "")
+            + (f"\n{'':49}{_shown(s.reason)}" if s.reason else "")
         )
         jobs = index.study_jobs(s.study_instance_uid)
         if jobs:
@@ -184,7 +212,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
             tries = f", {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
             print(
                 f"{'':49}job {job.pipeline} {job.status.value}{tries if job.attempts else ''}"
-                + (f": {job.error}" if job.error else "")
+                + (f": {_shown(job.error)}" if job.error else "")
             )
     index.close()
     return 0
@@ -202,7 +230,7 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
     )
     for a in rows:
         ack = (
-            f"{_when(a['acknowledged_at'])} by {a['acknowledged_by']}"
+            f"{_when(a['acknowledged_at'])} by {_shown(a['acknowledged_by'])}"
             if a["acknowledged_at"]
             else "NO"
         )
@@ -212,7 +240,7 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
         )
         print(
             f"{'':7}study {a['study_instance_uid']}"
-            + (f"\n{'':7}last error: {a['last_error']}" if a["last_error"] else "")
+            + (f"\n{'':7}last error: {_shown(a['last_error'])}" if a["last_error"] else "")
         )
     index.close()
     return 0
@@ -263,7 +291,7 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
         if d["last_status"] is not None:
             print(f"{'':8}last status: 0x{d['last_status']:04X}")
         if d["last_error"]:
-            print(f"{'':8}last error: {d['last_error']}")
+            print(f"{'':8}last error: {_shown(d['last_error'])}")
     return 0
 
 
@@ -309,8 +337,10 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     if not rows:
         print("quarantine is empty")
     for q in rows:
-        print(f"{_when(q.received_at)}  0x{q.status_code:04X}  from {q.calling_aet:16} {q.id}")
-        print(f"    reason: {q.reason}\n    kept in: {q.path}")
+        print(
+            f"{_when(q.received_at)}  0x{q.status_code:04X}  from {_shown(q.calling_aet):16} {q.id}"
+        )
+        print(f"    reason: {_shown(q.reason)}\n    kept in: {q.path}")
     index.close()
     return 0
 
@@ -326,12 +356,12 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
         print(f"no quarantine entry {args.id}", file=sys.stderr)
         return 2
     print(f"entry:        {entry.id}")
-    print(f"received:     {_when(entry.received_at)} from {entry.calling_aet}")
+    print(f"received:     {_when(entry.received_at)} from {_shown(entry.calling_aet)}")
     print(f"answered:     0x{entry.status_code:04X}")
-    print(f"reason:       {entry.reason}")
+    print(f"reason:       {_shown(entry.reason)}")
     print(f"kept in:      {entry.path}")
     for key, value in describe(Path(entry.path)).items():
-        print(f"{key + ':':14}{value}")
+        print(f"{key + ':':14}{_shown(value)}")
     return 0
 
 
@@ -353,7 +383,7 @@ def cmd_quarantine_retry(args: argparse.Namespace) -> int:
     if outcome.stored:
         print(f"{args.id}: stored; the study completes as if the instance had just arrived")
         return 0
-    print(f"{args.id}: still refused (0x{outcome.status_code:04X}): {outcome.reason}")
+    print(f"{args.id}: still refused (0x{outcome.status_code:04X}): {_shown(outcome.reason)}")
     return 1
 
 
@@ -450,7 +480,7 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
         _dicom_files(args.paths), calling_aet=args.calling_aet, called_aet=args.called_aet
     )
     for path, why in skipped:
-        print(f"skipped {path}: {why}")
+        print(f"skipped {path}: {_shown(why)}")
     if not studies:
         print("no DICOM study found", file=sys.stderr)
         return 2
@@ -472,7 +502,7 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
                 print(f"  {number}. {rule.name}: not tried (an earlier rule matched)")
                 continue
             verdict = "MATCH" if outcome.matched else "no match"
-            print(f"  {number}. {rule.name}: {verdict} — {outcome.detail()}")
+            print(f"  {number}. {rule.name}: {verdict} — {_shown(outcome.detail())}")
             for requirement in rule.require_series if outcome.matched else []:
                 state = "MISSING" if requirement.name in outcome.missing_series else "present"
                 print(f"       required series {requirement.name}: {state}")

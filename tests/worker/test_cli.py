@@ -159,6 +159,25 @@ def test_alerts_ack_records_who_acknowledged_and_list_shows_it(
     assert "pneumothorax" in out and "by dr.er" in out
 
 
+def test_alerts_list_shows_hostile_acknowledger_text_escaped_not_raw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, index = _site_with_index(tmp_path)
+    alert_id, _ = index.claim_alert("1.2.3", "pneumothorax", "webhook", 0.97, now=1.0, payload={})
+    # What anyone holding the link may put in its "by" field: a title change, a screen clear,
+    # a colour, a bell and a right-to-left override.
+    hostile = "\x1b]0;owned\x07\x1b[2J\x1b[31mdr.evil\u202e\x9b"
+    index.acknowledge_alert(alert_id, hostile, now=2.0)
+    index.record_alert_attempt(alert_id, 3.0, error="HTTP 500: \x1b[1mboom", next_attempt_at=9.0)
+    index.close()
+    capsys.readouterr()
+    assert main(["alerts", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\x9b" not in out
+    assert "by \\x1b]0;owned\\x07\\x1b[2J\\x1b[31mdr.evil\\u202e\\x9b" in out
+    assert "last error: HTTP 500: \\x1b[1mboom" in out
+
+
 def test_studies_shows_each_study_s_latest_job_and_why_it_waits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
