@@ -9,14 +9,18 @@ request without a valid token gets 403 and learns nothing about the alert.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
 import logging
 import re
+import socket
+import sys
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -28,8 +32,79 @@ from worker.settings import AckSettings
 
 log = logging.getLogger(__name__)
 
-_PATH = re.compile(r"^/alerts/(\d{1,18})/ack$")
+_PATH = re.compile(r"/alerts/(\d{1,18})/ack")
 _MAX_BY = 64
+# The confirmation form holds a token and a name: a few hundred bytes.
+_MAX_FORM = 4096
+
+
+def _content_length(value: str | None) -> int | None:
+    """A request's declared body length; None when it is not a plain non-negative number."""
+    if value is None:
+        return 0
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that serves a bounded number of connections, also per address.
+
+    Connections beyond either limit are closed at once rather than given a thread. A request
+    that fails (a client that went away, a timeout) is logged in one line through the log
+    filter, instead of the traceback ``socketserver`` prints to standard error.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        max_per_address: int,
+    ) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._lock:
+            if (
+                self._open.total() >= self.max_connections
+                or self._open[host] >= self.max_per_address
+            ):
+                log.warning("ack endpoint: connection from %s refused: too many open", host)
+                return False
+            self._open[host] += 1
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._closed(client_address)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed(client_address)
+
+    def _closed(self, client_address: Any) -> None:
+        host = str(client_address[0])
+        with self._lock:
+            self._open[host] -= 1
+            if self._open[host] <= 0:
+                del self._open[host]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # gone, reset, timed out: the client's business
+            log.info("ack endpoint: request from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("ack endpoint: request from %s failed", client_address[0])
 
 
 def ack_token(secret: str, alert_id: int) -> str:
@@ -74,20 +149,54 @@ class AckServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "pacs-ai-ack"
+            # Each read waits at most this long; the whole request is bounded by the deadline.
+            timeout = settings.request_timeout_s
+
+            def setup(self) -> None:
+                super().setup()
+                # A request that trickles in (a byte now and then) never trips the read
+                # timeout: past the deadline its connection is shut, whatever it is doing.
+                self._deadline = threading.Timer(settings.request_timeout_s, self._expire)
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def _expire(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                self._deadline.cancel()
+                with contextlib.suppress(OSError):
+                    super().finish()
 
             def do_GET(self) -> None:
                 server._handle(self, post=False)
 
             def do_POST(self) -> None:
-                length = min(int(self.headers.get("Content-Length", "0") or 0), 4096)
+                length = _content_length(self.headers.get("Content-Length"))
+                if length is None:
+                    self._refuse(400, "Bad request", "Content-Length is missing or not a number.")
+                    return
+                if length > _MAX_FORM:
+                    self._refuse(413, "Too large", "The form is larger than this page sends.")
+                    return
                 form = self.rfile.read(length).decode("utf-8", "replace") if length else ""
                 server._handle(self, post=True, form=form)
+
+            def _refuse(self, status: int, title: str, text: str) -> None:
+                self.close_connection = True
+                server._reply(self, status, _page(title, f"<p>{html.escape(text)}</p>"))
 
             def log_message(self, format: str, *args: Any) -> None:
                 # The query string holds the token: log the method and status only.
                 log.debug("ack endpoint: %s", args[1] if len(args) > 1 else "")
 
-        self._httpd = ThreadingHTTPServer((settings.host, settings.port), Handler)
+        self._httpd = _BoundedHTTPServer(
+            (settings.host, settings.port),
+            Handler,
+            settings.max_connections,
+            settings.max_connections_per_address,
+        )
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="ack-server", daemon=True
@@ -118,7 +227,7 @@ class AckServer:
         url = urllib.parse.urlsplit(request.path)
         params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         params.update({k: v[-1] for k, v in urllib.parse.parse_qs(form).items()})
-        match = _PATH.match(url.path)
+        match = _PATH.fullmatch(url.path)
         if match is None:
             self._reply(request, 404, _page("Not found", "<p>No such page.</p>"))
             return

@@ -139,6 +139,12 @@ class AckSettings(Strict):
     port: int = Field(default=8089, ge=0, le=65535)
     # The address people reach the endpoint at (a reverse proxy, a hostname); default http://host:port.
     base_url: str | None = None
+    # A request (line, headers and form) must arrive whole within this long, or the connection
+    # is closed: an idle or half-sent request must not hold a thread.
+    request_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Connections served at once, in all and from one address; more are closed at once.
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    max_connections_per_address: int = Field(default=8, ge=1, le=1024)
 
 
 class AlertSettings(Strict):
