@@ -38,6 +38,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.logs import configure_logging
+from dicom_node.process import python_module_command
 from dicom_node.spool import Spool
 from dicom_node.stream import StoreHandler, lighter_association_setup, streaming_request_handler
 
@@ -246,10 +247,12 @@ class ListenerPool:
 
     def _spawn(self) -> _Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [sys.executable, "-m", "dicom_node.server", "--fd", str(theirs.fileno())]
         limit = per_process_limit(self.max_associations, self.processes)
-        args += ["--max-associations", str(limit)]
-        args += ["--log-level", str(logging.getLogger().getEffectiveLevel())]
+        args = python_module_command(
+            "dicom_node.server",
+            *("--fd", str(theirs.fileno()), "--max-associations", str(limit)),
+            *("--log-level", str(logging.getLogger().getEffectiveLevel())),
+        )
         process = subprocess.Popen(args, stdin=subprocess.PIPE, pass_fds=[theirs.fileno()])
         theirs.close()
         assert process.stdin is not None

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from types import TracebackType
 
 from dicom_node.index import Index
 from dicom_node.node import DicomNode, NodeConfig
+from dicom_node.process import python_module_command
 from worker.ackserver import AckServer
 from worker.broker import EMBEDDED, EmbeddedBroker
 from worker.settings import ENV_PREFIX, Settings
@@ -117,7 +117,7 @@ class Stack(AbstractContextManager["Stack"]):
         self.ack_server: AckServer | None = None
 
     def _spawn_worker(self, queues: Sequence[str]) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "worker.cli", "worker", "--queues", ",".join(queues)]
+        cmd = python_module_command("worker.cli", "worker", "--queues", ",".join(queues))
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         env = dict(os.environ)

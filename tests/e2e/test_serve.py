@@ -34,13 +34,19 @@ def _settings(tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path) -> Setting
     return settings
 
 
-def _start_serve(settings: Settings, config: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """``pacs-ai serve`` with everything it prints in ``log``, once its listener answers."""
+def _start_serve(
+    settings: Settings, config: Path, log: IO[bytes], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``pacs-ai serve`` with everything it prints in ``log``, once its listener answers.
+
+    Started as an operator starts it, by its console script, in ``cwd`` when given.
+    """
     write_settings(settings, config)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "serve", "--config", str(config)],
+        [str(Path(sys.executable).with_name("pacs-ai")), "serve", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
     deadline = time.time() + 60
     while not port_open("127.0.0.1", settings.listener.port) and time.time() < deadline:
@@ -77,7 +83,15 @@ def test_serve_turns_a_study_into_an_sr_in_the_pacs_and_stops_cleanly(
     settings = _settings(tmp_path, orthanc, demo_model_dir)
     config = tmp_path / "site.yaml"
     log = (tmp_path / "serve.log").open("wb")
-    proc = _start_serve(settings, config, log)
+    # Started from a folder holding packages named like what its child processes import (a
+    # shared folder, say): the listener's children and the workers must not import them.
+    poisoned = tmp_path / "shared-folder"
+    for name in ("dicom_node", "worker", "pydicom", "dl"):
+        (poisoned / name).mkdir(parents=True)
+        (poisoned / name / "__init__.py").write_text(
+            f"raise ImportError('{name} imported from the working directory')\n"
+        )
+    proc = _start_serve(settings, config, log, cwd=poisoned)
     try:
         files = small_study(
             tmp_path / "in", kind="pneumothorax", seed=3, patient_id="SERVE-1", size=256
