@@ -88,6 +88,7 @@ def build_storage_scp(
             config.storage.spool_dir,
             config.storage.max_disk_used_fraction,
             config.storage.on_duplicate,
+            locks=config.storage.locks_dir,
         ),
         Quarantine(config.storage.quarantine_dir, index),
         on_study_ready=on_study_ready,

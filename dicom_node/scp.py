@@ -321,10 +321,12 @@ class StorageSCP:
         """Keep a checked, staged instance in the spool and the index; return (study UID, modality).
 
         Raises ``OutOfResources`` when it cannot be kept; then no new file is left behind. The
-        staged file is published or removed either way.
+        staged file is published or removed either way. Copies of one instance arriving at the
+        same moment are kept one after the other (``Spool.instance_lock``).
         """
         try:
-            return self._keep(header, staged, transfer_syntax, calling_aet, called_aet)
+            with self.spool.instance_lock(header.sop_instance_uid):
+                return self._keep(header, staged, transfer_syntax, calling_aet, called_aet)
         finally:
             staged.discard()
 

@@ -124,6 +124,10 @@ class StorageSettings(Strict):
         return self.data_dir / "spool"
 
     @property
+    def locks_dir(self) -> Path:
+        return self.data_dir / "locks"
+
+    @property
     def quarantine_dir(self) -> Path:
         return self.data_dir / "quarantine"
 

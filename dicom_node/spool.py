@@ -8,6 +8,8 @@ any point leaves at most a ``.partial`` file that is never indexed and is swept 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import mmap
 import os
 import re
@@ -28,6 +30,8 @@ from dicom_node.errors import OutOfResources
 UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 PARTIAL_SUFFIX = ".partial"
 INCOMING_DIR = ".incoming"
+# Lock files that instances are spread over by SOP Instance UID: two instances rarely share one.
+LOCK_BUCKETS = 256
 # While an instance arrives, its bytes are flushed to the disk in the background every this many
 # bytes, so that the fsync before the answer has only the last piece left to wait for.
 FLUSH_STEP = 1 << 20
@@ -315,6 +319,7 @@ class Spool:
         root: Path,
         max_disk_used_fraction: float = 0.95,
         on_duplicate: Literal["keep", "replace"] = "keep",
+        locks: Path | None = None,
     ) -> None:
         self.root = root
         self.max_disk_used_fraction = max_disk_used_fraction
@@ -322,12 +327,42 @@ class Spool:
         self.on_duplicate = on_duplicate
         self.incoming = root / INCOMING_DIR
         self.incoming.mkdir(parents=True, exist_ok=True)
+        # Beside the spool, not in it: the spool holds instances and nothing else.
+        self.locks = locks if locks is not None else root.with_name(f"{root.name}-locks")
+        self.locks.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid UID {uid!r}")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    @contextmanager
+    def instance_lock(self, sop_uid: str) -> Iterator[None]:
+        """Hold the lock of one SOP Instance UID: one keeper at a time in every process.
+
+        Two associations keeping the same instance at the same moment (in two listener
+        processes, say) would otherwise each find no file, publish, and write the index row:
+        the row could then describe the copy that the other rename replaced. An ``flock`` on a
+        lock file (one of ``LOCK_BUCKETS``, by the UID's hash) serialises them: the second
+        finds the first's file and row and keeps or replaces it as configured. Each call opens
+        its own descriptor, so threads of one process exclude each other too.
+        """
+        bucket = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
+        path = self.locks / f"{int.from_bytes(bucket) % LOCK_BUCKETS:03d}"
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+            except FileNotFoundError:  # the folder went (an admin cleaned up): make it again
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise OutOfResources(f"cannot lock the instance: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def check_space(self) -> None:
         """Raise ``OutOfResources`` when the disk is above the configured watermark."""

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.spool import disk_used_fraction
@@ -255,3 +257,83 @@ def test_staged_file_starts_writing_out_each_piece_as_it_arrives(
     target = tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
     staged.publish(target)
     assert target.read_bytes() == piece * 8
+
+
+@pytest.mark.parametrize("on_duplicate", ["keep", "replace"])
+def test_two_copies_of_one_instance_arriving_at_once_leave_the_row_describing_the_file(
+    start_node: StartNode, tmp_path: Path, on_duplicate: str
+) -> None:
+    """Two associations send one SOP Instance UID with different content at the same moment.
+
+    Whichever copy ends up on disk, the index row must describe it (its size, its transfer
+    syntax), and the spool must hold one file for it. Each round is a new SOP Instance UID.
+    """
+
+    def configure(config: NodeConfig) -> None:
+        config.storage.on_duplicate = on_duplicate  # type: ignore[assignment]
+
+    node = start_node(configure)
+    [image] = small_study(tmp_path / "in", size=256)
+    ds = pydicom.dcmread(image)
+    explicit, implicit = ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    senders = [_Sender(node.port, ds.SOPClassUID, ts) for ts in (explicit, implicit)]
+    try:
+        for round_ in range(25):
+            ds.SOPInstanceUID = generate_uid()
+            copies = []
+            for number, ts in enumerate((explicit, implicit)):
+                copy = pydicom.Dataset(ds)
+                copy.file_meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
+                copy.file_meta.TransferSyntaxUID = ts
+                copy.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                copy.ImageComments = "x" * (10 + 1000 * number)  # the copies differ in size
+                copies.append(copy)
+            barrier = threading.Barrier(2)
+            statuses: list[int] = [0, 0]
+
+            def send(
+                i: int,
+                barrier: threading.Barrier,
+                copies: list[pydicom.Dataset],
+                statuses: list[int],
+            ) -> None:
+                barrier.wait()
+                statuses[i] = senders[i].send(copies[i])
+
+            threads = [
+                threading.Thread(target=send, args=(i, barrier, copies, statuses)) for i in range(2)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert statuses == [0, 0], f"round {round_}"
+            record = node.index.instance(str(ds.SOPInstanceUID))
+            assert record is not None
+            on_disk = Path(record.path)
+            stored = pydicom.dcmread(on_disk, stop_before_pixels=True)
+            assert record.size_bytes == on_disk.stat().st_size, f"round {round_}: size"
+            assert record.transfer_syntax_uid == stored.file_meta.TransferSyntaxUID, (
+                f"round {round_}: the row describes the other copy than the file"
+            )
+            found = list(node.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+            assert found == [on_disk]
+    finally:
+        for sender in senders:
+            sender.close()
+
+
+class _Sender:
+    """One association kept open, proposing one transfer syntax, sending data sets on demand."""
+
+    def __init__(self, port: int, sop_class: str, transfer_syntax: str) -> None:
+        ae = AE(ae_title="RACER")
+        ae.add_requested_context(sop_class, transfer_syntax)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="PACSAI")
+        assert self.assoc.is_established
+
+    def send(self, ds: pydicom.Dataset) -> int:
+        return int(self.assoc.send_c_store(ds).Status)
+
+    def close(self) -> None:
+        self.assoc.release()
