@@ -8,9 +8,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pynetdicom import evt
-from pynetdicom.transport import ThreadedAssociationServer
-
 from dicom_node.assembly import StudyAssembler
 from dicom_node.index import Index
 from dicom_node.quarantine import Quarantine
@@ -30,7 +27,7 @@ from dicom_node.settings import (
     StorageSettings,
 )
 from dicom_node.spool import Spool
-from dicom_node.stream import lighter_association_setup, streaming_request_handler
+from dicom_node.stream import lighter_association_setup
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +111,20 @@ class DicomNode:
             self.index, self.queue, config.completion, config.queue, config.routing
         )
         self.scp.on_study_ready = self.assembler.wake
-        self._server: ThreadedAssociationServer | None = None
         self._pool: ListenerPool | None = None
         self._stopped = threading.Event()
 
     @property
     def port(self) -> int:
         """The bound port (useful when the settings asked for port 0)."""
-        if self._pool is not None:
-            return self._pool.port
-        assert self._server is not None, "node not started"
-        return int(self._server.server_address[1])
+        assert self._pool is not None, "node not started"
+        return self._pool.port
+
+    @property
+    def pool(self) -> ListenerPool:
+        """The acceptor and its association servers (once started)."""
+        assert self._pool is not None, "node not started"
+        return self._pool
 
     @property
     def processes(self) -> int:
@@ -139,36 +139,29 @@ class DicomNode:
         # Index rows a power loss took (SQLite commits them without waiting for the disk).
         recover_after_boot(self.scp, self.config.storage.data_dir)
         listener = self.config.listener
-        if self.processes == 1:
-            ae = build_ae(listener)
-            self._server = ae.make_server(
+        # One acceptor for any number of processes: it keeps connections that have not
+        # associated from taking the allowed peers' capacity (dicom_node.server).
+        self._pool = ListenerPool(
+            self.config.to_json(),
+            (listener.host, listener.port),
+            self.processes,
+            listener,
+            on_study_ready=self.assembler.wake,
+        )
+        # This process serves associations too, beside processes - 1 children.
+        ae = build_ae(listener)
+        ae.admission_limit = per_process_limit(listener.max_associations, self.processes)
+        ae.on_admitted = self._pool.local_admitted
+        self._pool.set_local(
+            make_handed_server(
+                ae,
                 (listener.host, listener.port),
-                evt_handlers=handlers(self.scp),
-                request_handler=streaming_request_handler(self.spool, self.scp.store_direct),
+                handlers(self.scp),
+                self.spool,
+                self.scp.store_direct,
             )
-            ae.serve_in_background(self._server)
-        else:
-            self._pool = ListenerPool(
-                self.config.to_json(),
-                (listener.host, listener.port),
-                self.processes,
-                listener.max_associations,
-                on_study_ready=self.assembler.wake,
-            )
-            # This process serves associations too, beside processes - 1 children.
-            ae = build_ae(listener)
-            ae.maximum_associations = per_process_limit(listener.max_associations, self.processes)
-            events = [*handlers(self.scp), (evt.EVT_CONN_CLOSE, self._pool.local_closed)]
-            self._pool.set_local(
-                make_handed_server(
-                    ae,
-                    (listener.host, listener.port),
-                    events,
-                    self.spool,
-                    self.scp.store_direct,
-                )
-            )
-            self._pool.start()
+        )
+        self._pool.start()
         self.assembler.start()
         log.info(
             "listening as %s on %s:%d (%d process%s)",
@@ -180,9 +173,6 @@ class DicomNode:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
         if self._pool is not None:
             self._pool.stop()
             self._pool = None

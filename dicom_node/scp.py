@@ -508,11 +508,11 @@ class StorageSCP:
 def build_ae(listener: ListenerSettings) -> ListenerAE:
     """An application entity configured from the listener settings.
 
-    Every server it starts checks the peer allow-list and uses the listener's TLS settings.
+    Every server it starts checks the peer allow-list and the association limit
+    (``ListenerAE.admission_limit``) and uses the listener's TLS settings.
     """
     ae = ListenerAE(listener)
     ae.maximum_pdu_size = listener.max_pdu_bytes
-    ae.maximum_associations = listener.max_associations
     ae.network_timeout = listener.network_timeout_s
     ae.acse_timeout = listener.acse_timeout_s
     ae.dimse_timeout = listener.dimse_timeout_s

@@ -3,7 +3,9 @@
 The allow-list is checked when the A-ASSOCIATE-RQ arrives (``EVT_REQUESTED``), before any
 negotiation: an unknown peer gets an A-ASSOCIATE-RJ ("calling AE title not recognised"), never an
 accepted association that then fails. pynetdicom's own ``require_calling_aet`` can only check the
-AE title; a sender is identified here by AE title *and* source address.
+AE title; a sender is identified here by AE title *and* source address. The same check admits at
+most ``listener.max_associations`` associations of allowed peers; connections that have not yet
+asked to associate are limited apart (``dicom_node.server``) and in time (``dicom_node.stream``).
 
 TLS contexts are built from PEM files named in the settings (TLS 1.2 or newer); a listener with a
 CA file requires and verifies client certificates (mutual TLS). The listener's TLS handshake runs
@@ -17,9 +19,11 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
@@ -36,10 +40,17 @@ log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the DUL service user, calling AE title not recognised.
 _REJECT_UNKNOWN_PEER = (0x01, 0x01, 0x03)
+# A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit exceeded.
+_REJECT_BUSY = (0x02, 0x03, 0x02)
+# pynetdicom refuses an association when more association threads than this run: it counts
+# connections that have not yet associated too, so the real limit is the admission check's.
+_THREAD_LIMIT = 1 << 16
 
 _TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 _T = TypeVar("_T")
+# Set on an association that passed the admission check.
+_ADMITTED = "_pacs_ai_admitted"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -76,24 +87,22 @@ class PeerPolicy:
             for peer in self.peers
         )
 
-    def handle_requested(self, event: Event) -> None:
-        """EVT_REQUESTED: reject the association of a peer that is not on the list."""
-        assoc = event.assoc
-        request = cast(A_ASSOCIATE, assoc.requestor.primitive)
-        calling_aet = str(request.calling_ae_title or "")
-        address = assoc.requestor.address if assoc.requestor.address_info else ""
-        if self.allows(calling_aet, address):
-            return
-        log.warning(
-            "association from calling AE [%s] at %s rejected: peer not allowed",
-            calling_aet,
-            address,
+    def lists(self, address: str) -> bool:
+        """True when some allowed peer may connect from ``address`` (or when all may)."""
+        if not self.peers:
+            return True
+        ip = _ip(address)
+        return ip is not None and any(
+            ip.version == peer.address.version and ip in peer.address for peer in self.peers
         )
-        # What pynetdicom's ACSE does for a calling AE title it does not know: reject, tell the
-        # handlers, and wait until the reject has gone out before the thread ends.
-        assoc.acse.send_reject(*_REJECT_UNKNOWN_PEER)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
+
+
+def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
+    # What pynetdicom's ACSE does for a calling AE title it does not know: reject, tell the
+    # handlers, and wait until the reject has gone out before the thread ends.
+    assoc.acse.send_reject(*reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -151,16 +160,66 @@ def client_context(tls: DestinationTLSSettings) -> ssl.SSLContext | None:
 
 
 class ListenerAE(AE):
-    """An AE whose every server enforces the listener's allow-list and TLS settings.
+    """An AE whose every server enforces the listener's allow-list, limits and TLS settings.
 
     Whatever starts the listener (``start_server`` or ``make_server``, one process or several)
-    gets the peer check bound and the TLS context set; neither can be forgotten by a caller.
+    gets the admission check bound and the TLS context set; neither can be forgotten by a caller.
+
+    Admission (``EVT_REQUESTED``, when the A-ASSOCIATE-RQ has arrived): a peer not on the
+    allow-list is rejected; an allowed one is rejected as busy (transient, local limit
+    exceeded) when ``admission_limit`` associations of allowed peers already run here, and is
+    otherwise admitted and reported to ``on_admitted``. Connections that have not yet sent
+    their request do not count against the limit: they are bounded apart (``dicom_node.server``
+    and the ACSE timeout on every read before the association, ``dicom_node.stream``), so that
+    they cannot take the allowed peers' capacity.
     """
 
     def __init__(self, listener: ListenerSettings) -> None:
         super().__init__(ae_title=listener.ae_title)
         self.peer_policy = PeerPolicy(listener.peers)
         self.ssl_context = server_context(listener.tls)
+        # Associations of allowed peers this process serves at once.
+        self.admission_limit = listener.max_associations
+        # Called with each admitted association (the listener's processes tell the acceptor).
+        self.on_admitted: Callable[[Association], None] | None = None
+        self._admission = threading.Lock()
+        self.maximum_associations = _THREAD_LIMIT
+
+    def handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED: reject a peer not on the list, or any peer when the limit is reached."""
+        assoc = event.assoc
+        request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        calling_aet = str(request.calling_ae_title or "")
+        address = assoc.requestor.address if assoc.requestor.address_info else ""
+        if not self.peer_policy.allows(calling_aet, address):
+            log.warning(
+                "association from calling AE [%s] at %s rejected: peer not allowed",
+                calling_aet,
+                address,
+            )
+            _reject(assoc, _REJECT_UNKNOWN_PEER)
+            return
+        with self._admission:
+            running = sum(
+                1
+                for other in self.active_associations
+                if other is not assoc and getattr(other, _ADMITTED, False)
+            )
+            busy = running >= self.admission_limit
+            if not busy:
+                setattr(assoc, _ADMITTED, True)
+        if busy:
+            log.warning(
+                "association from calling AE [%s] at %s rejected: %d associations running "
+                "(listener.max_associations)",
+                calling_aet,
+                address,
+                running,
+            )
+            _reject(assoc, _REJECT_BUSY)
+            return
+        if self.on_admitted is not None:
+            self.on_admitted(assoc)
 
     def make_server(
         self,
@@ -174,7 +233,7 @@ class ListenerAE(AE):
     ) -> _T | ThreadedAssociationServer:
         handlers: list[EventHandlerType] = [
             *(evt_handlers or []),
-            (evt.EVT_REQUESTED, self.peer_policy.handle_requested),
+            (evt.EVT_REQUESTED, self.handle_requested),
         ]
         return super().make_server(
             address,

@@ -9,10 +9,19 @@ connection, spool and quarantine. A child tells the parent when a released assoc
 studies complete, so the study assembler, which runs once in the parent, wakes at once. Serving
 in the parent too saves one interpreter's memory (about 90 MB) against N children.
 
-Channel messages, one byte each: parent to child ``C`` (with the connection's descriptor) and
-``Q`` (stop after the running associations); child to parent ``U`` (ready), ``R`` (studies
-ready) and ``D`` (a connection closed). A child whose parent vanishes (kill -9) sees end of file
-on its channel, aborts its associations and exits.
+The acceptor also keeps connections that have not yet asked to associate (pending: the
+A-ASSOCIATE-RQ has not arrived, or not passed the allow-list) from taking the allowed peers'
+capacity. They are counted apart from associations, in two pools: connections from addresses on
+the allow-list, and all others; each pool holds at most ``listener.max_pending_connections`` and
+one address at most ``listener.max_pending_per_address``. A connection beyond either is closed at
+once. Every pending connection is closed by the ACSE timeout (``dicom_node.stream``), and only
+admitted associations count against ``listener.max_associations`` (``dicom_node.security``).
+
+Channel messages: parent to child ``C`` (one byte, with the connection's descriptor) and ``Q``
+(stop after the running associations); child to parent, one line each, ``U`` (ready), ``R``
+(studies ready), ``A <peer>`` (the connection from that address and port was admitted) and
+``D <peer>`` (it closed). A child whose parent vanishes (kill -9) sees end of file on its
+channel, aborts its associations and exits.
 """
 
 from __future__ import annotations
@@ -28,17 +37,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.events import EventHandlerType
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.logs import configure_logging
 from dicom_node.process import python_module_command
+from dicom_node.security import PeerPolicy
+from dicom_node.settings import ListenerSettings
 from dicom_node.spool import Spool
 from dicom_node.stream import StoreHandler, lighter_association_setup, streaming_request_handler
 
@@ -48,7 +60,24 @@ CONNECTION = b"C"
 QUIT = b"Q"
 READY = b"U"
 STUDIES_READY = b"R"
+ADMITTED = b"A"
 DONE = b"D"
+# A pending connection the server forgot to report is dropped from the counts this long after
+# its ACSE timeout (by then it is closed whatever happened).
+_PENDING_GRACE_S = 10.0
+# Refused connections are logged per address at most once in this many seconds.
+_REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+def peer_key(address: str, port: int) -> str:
+    """How the acceptor and the association servers name one connection: its peer's address."""
+    return f"{address}|{port}"
+
+
+def association_peer(assoc: Association) -> str:
+    """``peer_key`` of the connection an association runs on."""
+    return peer_key(assoc.requestor.address, assoc.requestor.port)
+
 
 # How long a stopping child lets running associations finish before aborting them.
 DRAIN_SECONDS = 5.0
@@ -63,7 +92,21 @@ def default_processes() -> int:
 
 
 class HandedServer(ThreadedAssociationServer):
-    """A pynetdicom server fed with connections accepted elsewhere; it never listens itself."""
+    """A pynetdicom server fed with connections accepted elsewhere; it never listens itself.
+
+    ``on_closed`` hears of every connection's end once, by its ``peer_key``. pynetdicom closes a
+    connection one of two ways: the association's socket (``EVT_CONN_CLOSE``), or, for one that
+    never associated (timed out, rejected), the server's ``shutdown_request`` without that event.
+    """
+
+    on_closed: Callable[[str], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Descriptor -> peer of each connection not yet reported closed.
+        self._open: dict[int, str] = {}
+        self._open_lock = threading.Lock()
+        self.bind(evt.EVT_CONN_CLOSE, self._handle_conn_close)
 
     def server_bind(self) -> None:  # the parent owns the listening socket
         pass
@@ -71,9 +114,30 @@ class HandedServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass
 
+    def _handle_conn_close(self, event: Event) -> None:
+        peer = association_peer(event.assoc)
+        with self._open_lock:
+            fds = [fd for fd, p in self._open.items() if p == peer]
+            for fd in fds:
+                del self._open[fd]
+        if fds and self.on_closed is not None:
+            self.on_closed(peer)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            try:
+                peer = self._open.pop(request.fileno(), None)
+            except (OSError, ValueError):  # closed already
+                peer = None
+        super().shutdown_request(request)
+        if peer is not None and self.on_closed is not None:
+            self.on_closed(peer)
+
     def serve(self, conn: socket.socket) -> None:
         """Run one association on an accepted connection (what ``get_request`` would return)."""
         address = conn.getpeername()
+        with self._open_lock:
+            self._open[conn.fileno()] = peer_key(*address[:2])
         if self.ssl_context is not None:
             # The handshake happens on the first read, in the association's thread: a client
             # that connects and sends nothing must not stall the loop that hands connections out.
@@ -97,14 +161,15 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
         with send_lock, contextlib.suppress(OSError):
             channel.sendall(message)
 
-    scp = build_storage_scp(config, on_study_ready=lambda: tell(STUDIES_READY))
+    scp = build_storage_scp(config, on_study_ready=lambda: tell(STUDIES_READY + b"\n"))
     ae = build_ae(listener)
-    ae.maximum_associations = max_associations
-    events = [*handlers(scp), (evt.EVT_CONN_CLOSE, lambda _event: tell(DONE))]
+    ae.admission_limit = max_associations
+    ae.on_admitted = lambda assoc: tell(_line(ADMITTED, association_peer(assoc)))
     server = make_handed_server(
-        ae, (listener.host, listener.port), events, scp.spool, scp.store_direct
+        ae, (listener.host, listener.port), handlers(scp), scp.spool, scp.store_direct
     )
-    tell(READY)
+    server.on_closed = lambda peer: tell(_line(DONE, peer))
+    tell(READY + b"\n")
     orderly = False
     while True:
         try:
@@ -119,13 +184,22 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
         for fd in fds:
             conn = socket.socket(fileno=fd)
             try:
+                peer = peer_key(*conn.getpeername()[:2])
+            except OSError:  # gone already: the parent counts it until its ACSE timeout
+                conn.close()
+                continue
+            try:
                 server.serve(conn)
             except Exception:
                 log.exception("could not start an association")
-                conn.close()
-                tell(DONE)
+                server.shutdown_request(conn)
+                tell(_line(DONE, peer))  # once more, should serve have failed before it counted
     _drain(server, DRAIN_SECONDS if orderly else 0.0)
     scp.index.close()
+
+
+def _line(kind: bytes, peer: str) -> bytes:
+    return kind + b" " + peer.encode("ascii", "replace") + b"\n"
 
 
 def make_handed_server(
@@ -138,7 +212,7 @@ def make_handed_server(
     """A server for ``ae`` that runs the associations of connections given to ``serve``.
 
     C-STORE data sets are written into ``spool`` as they arrive, and plain C-STOREs answered with
-    ``store`` (``dicom_node.stream``).
+    ``store`` (``dicom_node.stream``). Set ``on_closed`` to hear of each connection's end.
     """
     server = ae.make_server(
         address,
@@ -178,12 +252,23 @@ def child_main(argv: list[str] | None = None) -> int:
 # --- parent ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _Child:
     process: subprocess.Popen[bytes]
     channel: socket.socket
-    active: int = 0
     ready: bool = False
+    received: bytes = b""  # the start of a message still on its way
+
+
+@dataclass
+class _Connection:
+    """A connection handed to an association server, until it closes."""
+
+    address: str
+    listed: bool  # from an address on the allow-list (its own pending pool)
+    child: _Child | None  # None: served in this process
+    since: float
+    pending: bool = True  # not yet admitted as an association
 
 
 class ListenerPool:
@@ -194,36 +279,55 @@ class ListenerPool:
         config_json: str,
         address: tuple[str, int],
         processes: int,
-        max_associations: int,
+        listener: ListenerSettings,
         on_study_ready: Callable[[], None],
     ) -> None:
         self.config_json = config_json
         self.address = address
         self.processes = processes
-        self.max_associations = max_associations
+        self.max_associations = listener.max_associations
+        self.max_pending = listener.max_pending_connections
+        self.max_pending_per_address = listener.max_pending_per_address
+        self.pending_timeout_s = listener.acse_timeout_s + _PENDING_GRACE_S
+        self.policy = PeerPolicy(listener.peers)
         self.on_study_ready = on_study_ready
         # The node's own association server, when it serves too (see set_local).
         self.local: HandedServer | None = None
-        self._local_active = 0
         self._sock: socket.socket | None = None
         self._children: list[_Child] = []
+        self._connections: dict[str, _Connection] = {}
+        self._refused: dict[str, tuple[float, int]] = {}  # address -> (last logged, since then)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._selector = selectors.DefaultSelector()
 
     def set_local(self, server: HandedServer) -> None:
-        """Serve associations in this process too; bind ``local_closed`` to its EVT_CONN_CLOSE."""
+        """Serve associations in this process too; set ``local_admitted`` as its AE's
+        ``on_admitted``."""
         self.local = server
+        server.on_closed = self._local_closed
 
-    def local_closed(self, _event: object = None) -> None:
+    def local_admitted(self, assoc: Association) -> None:
         with self._lock:
-            self._local_active = max(0, self._local_active - 1)
+            self._admitted(association_peer(assoc))
+
+    def _local_closed(self, peer: str) -> None:
+        with self._lock:
+            self._closed(peer)
 
     @property
     def port(self) -> int:
         assert self._sock is not None, "listener not started"
         return int(self._sock.getsockname()[1])
+
+    def pending(self) -> dict[str, int]:
+        """Pending connections per address (for tests and the operator)."""
+        with self._lock:
+            counts: Counter[str] = Counter(
+                c.address for c in self._connections.values() if c.pending
+            )
+        return dict(counts)
 
     def start(self, timeout: float = 60.0) -> None:
         """Bind, start the children and wait until each is ready to serve."""
@@ -268,7 +372,7 @@ class ListenerPool:
         assert self._sock is not None
         while not self._stopping.is_set():
             try:
-                conn, _address = self._sock.accept()
+                conn, address = self._sock.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -277,42 +381,98 @@ class ListenerPool:
                 log.exception("accept failed")
                 time.sleep(0.1)
                 continue
-            self._hand_over(conn)
+            self._hand_over(conn, str(address[0]), int(address[1]))
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _refusal(self, address: str, listed: bool) -> str | None:
+        """Why a new connection from ``address`` is refused, or None (lock held)."""
+        from_address = sum(
+            1 for c in self._connections.values() if c.pending and c.address == address
+        )
+        if from_address >= self.max_pending_per_address:
+            return (
+                f"{from_address} connections from it have not associated yet "
+                "(listener.max_pending_per_address)"
+            )
+        in_pool = sum(1 for c in self._connections.values() if c.pending and c.listed == listed)
+        if in_pool >= self.max_pending:
+            pool = "allow-listed" if listed and self.policy.peers else "other"
+            return (
+                f"{in_pool} connections from {pool} addresses have not associated yet "
+                "(listener.max_pending_connections)"
+            )
+        return None
+
+    def _hand_over(self, conn: socket.socket, address: str, port: int) -> None:
+        key = peer_key(address, port)
+        listed = self.policy.lists(address)
         with conn:
             while not self._stopping.is_set():
+                now = time.monotonic()
                 with self._lock:
+                    self._forget_stale(now)
+                    refusal = self._refusal(address, listed)
+                    if refusal is not None:
+                        self._log_refusal(address, refusal, now)
+                        return  # closed by the with block
+                    served = Counter(c.child for c in self._connections.values())
                     alive = [c for c in self._children if c.process.poll() is None]
-                    child = min(alive, key=lambda c: c.active) if alive else None
-                    if self.local is not None and (
-                        child is None or self._local_active < child.active
-                    ):
-                        self._local_active += 1
+                    child = min(alive, key=lambda c: served[c]) if alive else None
+                    if self.local is not None and (child is None or served[None] < served[child]):
                         child = None
                     elif child is None:
                         log.error("no listener process is running; connection dropped")
                         return
-                    else:
-                        child.active += 1
+                    self._connections[key] = _Connection(address, listed, child, now)
                 if child is None:
-                    self._serve_locally(conn)
+                    self._serve_locally(conn, key)
                     return
                 try:
                     socket.send_fds(child.channel, [CONNECTION], [conn.fileno()])
                     return
                 except OSError:
                     with self._lock:
-                        child.active -= 1
+                        self._connections.pop(key, None)
                     time.sleep(0.05)  # that child is dying; the message loop replaces it
 
-    def _serve_locally(self, conn: socket.socket) -> None:
+    def _log_refusal(self, address: str, refusal: str, now: float) -> None:
+        """Log a refused connection, at most once per address and interval (lock held)."""
+        last, count = self._refused.get(address, (0.0, 0))
+        if now - last < _REFUSAL_LOG_INTERVAL_S:
+            self._refused[address] = (last, count + 1)
+            return
+        also = f" ({count} more refused since the last report)" if count else ""
+        log.warning("connection from %s refused: %s%s", address, refusal, also)
+        self._refused[address] = (now, 0)
+
+    def _serve_locally(self, conn: socket.socket, key: str) -> None:
         assert self.local is not None
         try:
             self.local.serve(conn.dup())
         except Exception:
             log.exception("could not start an association")
-            self.local_closed()
+            with self._lock:
+                self._closed(key)
+
+    # -- what the association servers report (lock held)
+
+    def _admitted(self, key: str) -> None:
+        connection = self._connections.get(key)
+        if connection is not None:
+            connection.pending = False
+
+    def _closed(self, key: str) -> None:
+        self._connections.pop(key, None)
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop pending connections nobody reported closed long after their ACSE timeout."""
+        stale = [
+            key
+            for key, c in self._connections.items()
+            if c.pending and now - c.since > self.pending_timeout_s
+        ]
+        for key in stale:
+            log.warning("pending connection %s was never reported closed; forgotten", key)
+            del self._connections[key]
 
     # -- messages from the children
 
@@ -328,13 +488,17 @@ class ListenerPool:
                 continue
             studies_ready = False
             with self._lock:
-                for byte in data:
-                    message = bytes([byte])
-                    if message == READY:
+                lines = (child.received + data).split(b"\n")
+                child.received = lines.pop()  # what follows the last newline: not whole yet
+                for line in lines:
+                    kind, _, peer = line.partition(b" ")
+                    if kind == READY:
                         child.ready = True
-                    elif message == DONE:
-                        child.active = max(0, child.active - 1)
-                    elif message == STUDIES_READY:
+                    elif kind == ADMITTED:
+                        self._admitted(peer.decode("ascii", "replace"))
+                    elif kind == DONE:
+                        self._closed(peer.decode("ascii", "replace"))
+                    elif kind == STUDIES_READY:
                         studies_ready = True
             if studies_ready:
                 self.on_study_ready()
@@ -342,6 +506,9 @@ class ListenerPool:
     def _child_gone(self, child: _Child) -> None:
         self._selector.unregister(child.channel)
         child.channel.close()
+        with self._lock:
+            for key in [k for k, c in self._connections.items() if c.child is child]:
+                del self._connections[key]  # its connections went with it
         if self._stopping.is_set() or not child.ready:
             return
         code = child.process.wait()
@@ -354,6 +521,8 @@ class ListenerPool:
         while not self._stopping.is_set():
             try:
                 self._read_messages(0.5)
+                with self._lock:
+                    self._forget_stale(time.monotonic())
             except Exception:
                 log.exception("listener message loop failed; continuing")
 

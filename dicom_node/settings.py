@@ -93,13 +93,24 @@ class ListenerSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu_bytes: int = Field(default=131072, ge=0)
+    # Associations of allowed peers served at once; more are rejected as busy (transient).
     max_associations: int = Field(default=16, ge=1, le=1000)
+    # Connections that have not yet asked to associate (or not been admitted), counted apart
+    # from associations so that they cannot take the allowed peers' place: at most this many
+    # from addresses on the allow-list, as many again from all other addresses, and from one
+    # address at most max_pending_per_address. More are closed at once; each is closed when
+    # it has not associated within acse_timeout_s.
+    max_pending_connections: int = Field(default=32, ge=1, le=1000)
+    max_pending_per_address: int = Field(default=8, ge=1, le=1000)
     # Association-server processes. One pynetdicom process uses one core at most and slows down
     # under concurrent senders, so the node accepts connections and hands each to the process
     # serving the fewest associations. 0: one per CPU core (at least 2, at most 8); 1: no extra
     # processes, associations run on threads in the node's own process.
     processes: int = Field(default=0, ge=0, le=64)
+    # An established association's read waits at most this long for the peer's next bytes.
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # A connection must have sent its whole association request (TLS handshake included) and
+    # been answered within this long, or it is closed.
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     # Senders allowed to associate (calling AE title and source address, both must match); others

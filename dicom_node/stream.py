@@ -83,6 +83,8 @@ _UNLIMITED_PDU_LIMIT = 256 << 20
 _BUSY_POLL_S = 0.0001
 _BUSY_WINDOW_S = 0.1
 _IDLE_POLL_S = 0.001
+# The bound on association set-up when the AE has no ACSE timeout (the listener always has one).
+_DEFAULT_ACSE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,38 @@ def file_preamble(
     return b"\x00" * 128 + b"DICM" + length + body
 
 
+class NegotiationTimeout(TimeoutError):
+    """The peer did not finish associating within the ACSE timeout of its connection."""
+
+
 class BulkReadSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU in large ``recv_into`` calls instead of 4 KiB pieces."""
+    """pynetdicom's socket, reading a PDU in large ``recv_into`` calls instead of 4 KiB pieces.
+
+    Every read is bounded in time. Until the association is established, all of them together
+    must end by ``negotiation_deadline`` (the ACSE timeout after the connection was handed
+    over): a peer that sends half a request, or a byte now and then, or nothing at all (not
+    even a TLS ClientHello), is closed then, whoever it claims to be. pynetdicom's reader
+    blocks in its read and never looks at its timers, so without this such a peer would hold
+    its association slot for as long as it liked. Afterwards each read waits at most the
+    network timeout for the next bytes. Writes wait as long as the last read could.
+    """
+
+    negotiation_deadline: float | None = None
+    _negotiated = False
+
+    def _bound_next_read(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        if not self._negotiated and self.assoc.is_established:
+            self._negotiated = True
+        if self._negotiated or self.negotiation_deadline is None:
+            sock.settimeout(self.assoc.network_timeout)
+            return
+        left = self.negotiation_deadline - time.monotonic()
+        if left <= 0:
+            raise NegotiationTimeout("no association within the ACSE timeout")
+        sock.settimeout(left)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit():
@@ -172,7 +204,13 @@ class BulkReadSocket(AssociationSocket):
         assert sock is not None
         read = 0
         while read < len(view):
-            n = sock.recv_into(view[read:])
+            self._bound_next_read()
+            try:
+                n = sock.recv_into(view[read:])
+            except TimeoutError as exc:
+                if self._negotiated:
+                    raise
+                raise NegotiationTimeout("no association within the ACSE timeout") from exc
             if n == 0:
                 break
             read += n
@@ -330,6 +368,7 @@ class StreamingDUL(DULServiceProvider):
     store: StoreHandler | None = None
     _direct: DirectStore | None = None
     _busy_until = 0.0
+    _timed_out = False
 
     def expect_activity(self) -> None:
         """Poll at the busy rate now: a new association's request is on its way.
@@ -371,7 +410,11 @@ class StreamingDUL(DULServiceProvider):
                 direct = self._direct
                 message = None if direct is not None else self._receiving_store()
                 if direct is None and message is None and not self._takes_commands():
-                    super()._read_pdu_data()
+                    # A PDU for pynetdicom's state machine, read as pynetdicom would (with the
+                    # same events), but bounded in time and logged in one line.
+                    read = self._read_pdu()
+                    if read is not None:
+                        self._queue_pdu(read[0] + bytes(read[1]))
                     return
                 read = self._read_pdu()
                 if read is None:
@@ -426,6 +469,16 @@ class StreamingDUL(DULServiceProvider):
             body = self._body(length)
             if sock.recv_into(body) < length:
                 raise EOFError("connection closed")
+        except NegotiationTimeout:
+            if not self._timed_out:  # once, however often it sends more
+                self._timed_out = True
+                log.warning(
+                    "connection from %s closed: no association within the ACSE timeout (%g s)",
+                    self.assoc.requestor.address,
+                    self.assoc.acse_timeout,
+                )
+            self.event_queue.put("Evt17")  # transport connection closed
+            return None
         except (OSError, TimeoutError, EOFError) as exc:
             log.error("association ended while reading a PDU: %s", exc)
             self.event_queue.put("Evt17")  # transport connection closed
@@ -792,6 +845,9 @@ def streaming_request_handler(
             quiet_standard_handlers(assoc)
             if type(assoc.dul.socket) is AssociationSocket:
                 assoc.dul.socket.__class__ = BulkReadSocket
+                cast(BulkReadSocket, assoc.dul.socket).negotiation_deadline = time.monotonic() + (
+                    assoc.acse_timeout or _DEFAULT_ACSE_TIMEOUT_S
+                )
                 if type(assoc.dul) is DULServiceProvider:
                     assoc.dul.__class__ = StreamingDUL
                     cast(StreamingDUL, assoc.dul).spool = spool

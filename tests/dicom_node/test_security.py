@@ -4,6 +4,9 @@ including mutual TLS, with certificates made by the test with the ``openssl`` co
 from __future__ import annotations
 
 import socket
+import struct
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -190,3 +193,189 @@ def test_echo_and_send_commands_speak_mutual_tls(
     assert main(["echo", address, "--ca", str(pki.ca)]) != 0
     assert main(["echo", address]) != 0
     assert "FAILED" in capsys.readouterr().err
+
+
+# --- connections that never associate -----------------------------------------------------------
+
+ATTACKER = "127.0.0.2"  # Linux routes all of 127/8 to loopback: another host on this one
+ACSE_TIMEOUT = 4.0
+
+
+def _associate_rq(calling_aet: str = "STRANGER") -> bytes:
+    """The A-ASSOCIATE-RQ PDU a C-ECHO client sends, as bytes on the wire."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+    )
+    from pynetdicom.presentation import build_context
+    from pynetdicom.transport import AddressInformation
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling_aet
+    primitive.called_ae_title = "PACSAI"
+    primitive.calling_presentation_address = AddressInformation("127.0.0.2", 11112)
+    primitive.called_presentation_address = AddressInformation("127.0.0.1", 11112)
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
+    length.maximum_length_received = 16384
+    implementation.implementation_class_uid = "1.2.3.4"
+    primitive.user_information = [length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _hostile_openings() -> list[bytes]:
+    """What a connection sends before it falls silent: each is a different way to stall."""
+    request = _associate_rq()
+    return [
+        b"",  # nothing at all
+        b"\x01\x00\x00",  # a few header bytes
+        request[: len(request) // 2],  # half an association request
+        b"\x01\x00" + struct.pack(">L", 4000) + b"\x00" * 10,  # a long PDU announced, 10 bytes sent
+        b"\x04\x00" + struct.pack(">L", 100) + b"\x00" * 4,  # P-DATA before any association
+        b"\x07\x00" + struct.pack(">L", 50),  # an A-ABORT header with its body missing
+    ]
+
+
+def _lockout(config: NodeConfig, processes: int) -> None:
+    config.listener.peers = [
+        PeerSettings.model_validate({"ae_title": aet, "address": "127.0.0.1"})
+        for aet in ("CR_ER_1", "MODALITY")
+    ]
+    config.listener.acse_timeout_s = ACSE_TIMEOUT
+    config.listener.max_associations = 4
+    config.listener.processes = processes
+
+
+def _open_from(port: int, source: str, opening: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    if opening:
+        sock.sendall(opening)
+    return sock
+
+
+def _seconds_until_closed(sock: socket.socket, limit: float) -> float:
+    """How long the listener took to close ``sock`` (end of file or reset); fails past ``limit``."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the listener kept a connection that never associated for {limit} s")
+    finally:
+        sock.close()
+    return time.monotonic() - start
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float) -> threading.Thread:
+    """Send ``data`` a byte at a time, one every ``every`` seconds, until the listener closes."""
+
+    def run() -> None:
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(every)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_stalled_connections_neither_lock_out_allowed_senders_nor_outlive_the_acse_timeout(
+    start_node: StartNode, tmp_path: Path, processes: int
+) -> None:
+    node = start_node(lambda config: _lockout(config, processes))
+    files = small_study(tmp_path / "in")
+    opened_at = time.monotonic()
+    # From one address and from several: more stalled connections than there are association
+    # slots (4), and more than one address may hold (8 pending).
+    attackers = [
+        _open_from(node.port, f"127.0.0.{2 + n % 3}", opening)
+        for n in range(4)
+        for opening in _hostile_openings()
+    ]
+    # A byte every half second: no single read ever waits the ACSE timeout, the whole does.
+    trickle = _open_from(node.port, "127.0.0.5", b"")
+    _trickle(trickle, _associate_rq(), every=0.5)
+    # Meanwhile the allowed sender stores a study, and others still echo.
+    result = storescu(files, host="127.0.0.1", port=node.port, called_aet="PACSAI",
+                      calling_aet="CR_ER_1")  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert node.index.instance(str(pydicom.dcmread(files[0]).SOPInstanceUID)) is not None
+    assert _associate_echo(node.port, "CR_ER_1") == (True, False)
+    held = node.pool.pending()
+    assert sum(held.values()) >= 10, f"the attackers were not holding connections: {held}"
+    assert time.monotonic() - opened_at < ACSE_TIMEOUT, "served while the attackers held on"
+    # Every stalled connection is closed once the ACSE timeout has passed, none much later.
+    for sock in [*attackers, trickle]:
+        _seconds_until_closed(sock, ACSE_TIMEOUT + 3)
+    assert time.monotonic() - opened_at < ACSE_TIMEOUT + 3
+    assert node.pool.pending() == {}
+    assert _associate_echo(node.port, "CR_ER_1") == (True, False)
+
+
+def test_one_address_holds_at_most_its_share_of_pending_connections(
+    start_node: StartNode,
+) -> None:
+    def configure(config: NodeConfig) -> None:
+        _lockout(config, 1)
+        config.listener.max_pending_per_address = 3
+
+    node = start_node(configure)
+    held = [_open_from(node.port, ATTACKER, b"") for _ in range(3)]
+    deadline = time.monotonic() + 2
+    while node.pool.pending().get(ATTACKER, 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node.pool.pending() == {ATTACKER: 3}
+    extra = _open_from(node.port, ATTACKER, b"")
+    assert _seconds_until_closed(extra, 1.0) < 1.0, "a fourth is closed at once"
+    assert _associate_echo(node.port, "CR_ER_1") == (True, False), "others are served"
+    for sock in held:
+        sock.close()
+
+
+def test_silent_tls_connections_are_closed_by_the_acse_timeout(
+    start_node: StartNode, pki: Pki
+) -> None:
+    def configure(config: NodeConfig) -> None:
+        _tls_listener(pki, mutual=False)(config)
+        _lockout(config, 2)
+
+    node = start_node(configure)
+    # No ClientHello, and half of one: the handshake is a read like any other before the
+    # association, bounded by the same deadline.
+    silent = [_open_from(node.port, ATTACKER, b"") for _ in range(6)]
+    half_hello = [_open_from(node.port, ATTACKER, b"\x16\x03\x01\x02\x00\x01") for _ in range(2)]
+    assert echo(_remote(node.port, _client_tls(pki))) == 0x0000
+    for sock in [*silent, *half_hello]:
+        _seconds_until_closed(sock, ACSE_TIMEOUT + 3)
+
+
+def test_allowed_senders_beyond_max_associations_are_told_to_come_back_later(
+    start_node: StartNode,
+) -> None:
+    node = start_node(lambda config: _lockout(config, 1))
+    ae = AE(ae_title="CR_ER_1")
+    ae.add_requested_context(Verification)
+    running = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(4)]
+    try:
+        assert all(a.is_established for a in running)
+        busy = ae.associate("127.0.0.1", node.port, ae_title="PACSAI")
+        assert busy.is_rejected
+        assert (busy.acceptor.primitive.result, busy.acceptor.primitive.diagnostic) == (0x02, 0x02)
+    finally:
+        for assoc in running:
+            assoc.release()
+    assert _associate_echo(node.port, "CR_ER_1") == (True, False)

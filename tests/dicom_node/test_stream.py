@@ -347,7 +347,7 @@ def test_association_with_its_own_message_handler_takes_pynetdicoms_path(
 
     answered = _count_direct_answers(monkeypatch)
     seen: list[str] = []
-    server = one_process_node._server
+    server = one_process_node.pool.local
     assert server is not None
     server.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(type(event.message).__name__))
     [image] = small_study(tmp_path / "in")
