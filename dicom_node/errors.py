@@ -15,6 +15,10 @@ class DatasetMismatch(DicomNodeError):
     """The data set contradicts the request or its SOP class (answer 0xA900, quarantine)."""
 
 
+class ImageRefused(DicomNodeError):
+    """An image declares pixels beyond what the site decodes (answer 0xC000, quarantine)."""
+
+
 class OutOfResources(DicomNodeError):
     """The instance cannot be kept durably right now: disk full, spool or index unavailable (0xA700)."""
 

@@ -21,6 +21,7 @@ from dicom_node.server import (
 )
 from dicom_node.settings import (
     CompletionSettings,
+    ImageSettings,
     ListenerSettings,
     QueueSettings,
     RoutingSettings,
@@ -43,6 +44,7 @@ class NodeConfig:
     index_url: str
     broker_url: str
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
 
     def to_json(self) -> str:
         """The configuration as JSON, for the listener's child processes."""
@@ -55,6 +57,7 @@ class NodeConfig:
                 "index_url": self.index_url,
                 "broker_url": self.broker_url,
                 "routing": self.routing.model_dump(mode="json"),
+                "images": self.images.model_dump(mode="json"),
             }
         )
 
@@ -69,6 +72,7 @@ class NodeConfig:
             index_url=data["index_url"],
             broker_url=data["broker_url"],
             routing=RoutingSettings.model_validate(data["routing"]),
+            images=ImageSettings.model_validate(data["images"]),
         )
 
 
@@ -89,6 +93,7 @@ def build_storage_scp(
         ),
         Quarantine(config.storage.quarantine_dir, index),
         on_study_ready=on_study_ready,
+        images=config.images,
     )
 
 

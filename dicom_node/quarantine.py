@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
-from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
+from dicom_node.errors import CorruptDataset, DatasetMismatch, ImageRefused, OutOfResources
 from dicom_node.index import Index, QuarantineRow
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, sop_class_name
 from dicom_node.spool import durable_write
@@ -136,9 +136,11 @@ def retry(scp: StorageSCP, entry: QuarantineRow) -> RetryOutcome:
             raise DatasetMismatch(f"transfer syntax {ts} is not one the listener accepts")
         from dicom_node.scp import check_instance  # scp imports this module: import late
 
-        header = check_instance(stream, ts, sop_class, str(meta.MediaStorageSOPInstanceUID))
+        header = check_instance(
+            stream, ts, sop_class, str(meta.MediaStorageSOPInstanceUID), scp.images
+        )
         scp.store_instance(header, scp.spool.stage([raw]), str(ts), entry.calling_aet)
-    except CorruptDataset as exc:
+    except (CorruptDataset, ImageRefused) as exc:
         return _keep(scp.index, entry, 0xC000, str(exc))
     except DatasetMismatch as exc:
         return _keep(scp.index, entry, 0xA900, str(exc))

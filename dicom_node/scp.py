@@ -28,16 +28,26 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
 from pynetdicom.events import Event
 
-from dicom_node.errors import CorruptDataset, DatasetMismatch, OutOfResources
+from dicom_node.errors import CorruptDataset, DatasetMismatch, ImageRefused, OutOfResources
+from dicom_node.images import Geometry, declared_size_problem, invalid_geometry
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.quarantine import Quarantine, split_file
 from dicom_node.scu import STORAGE_COMMITMENT
 from dicom_node.security import ListenerAE
-from dicom_node.settings import CompletionSettings, ListenerSettings
+from dicom_node.settings import CompletionSettings, ImageSettings, ListenerSettings
 from dicom_node.sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, IMAGE_STORAGE, VERIFICATION
 from dicom_node.spool import Spool, StagedFile, is_valid_uid
 from dicom_node.stream import DirectStore, file_preamble
-from dicom_node.wire import REQUESTED_PROCEDURE_PRIORITY, check_complete
+from dicom_node.wire import (
+    BITS_ALLOCATED,
+    COLUMNS,
+    NUMBER_OF_FRAMES,
+    REQUESTED_PROCEDURE_PRIORITY,
+    ROWS,
+    SAMPLES_PER_PIXEL,
+    Layout,
+    check_complete,
+)
 
 SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
@@ -68,14 +78,20 @@ class InstanceHeader:
 
 
 def check_instance(
-    stream: bytes | memoryview, ts: UID, sop_class_uid: str | None, sop_instance_uid: str | None
+    stream: bytes | memoryview,
+    ts: UID,
+    sop_class_uid: str | None,
+    sop_instance_uid: str | None,
+    images: ImageSettings | None = None,
 ) -> InstanceHeader:
     """The checks every received data set passes before it is kept; return what it says.
 
     ``stream`` is the encoded data set in transfer syntax ``ts``; the UIDs are those the C-STORE
     request named. Raises ``CorruptDataset`` (answer 0xC000) or ``DatasetMismatch`` (0xA900).
     The values come from the structural walk itself (``dicom_node.wire``), not from pydicom.
-    Used by the listener and by ``pacs-ai quarantine retry``.
+    With ``images``, an image whose declared pixels no pipeline may decode (``images`` limits)
+    is refused too (``ImageRefused``, 0xC000). Used by the listener and by
+    ``pacs-ai quarantine retry``.
     """
     layout = check_complete(
         stream, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
@@ -110,7 +126,31 @@ def check_instance(
         raise DatasetMismatch("SOP Instance UID in the data set differs from the request")
     if header.sop_class_uid in IMAGE_STORAGE and not layout.has_pixels:
         raise DatasetMismatch("image SOP class without pixel data")
+    if images is not None and layout.has_pixels:
+        _check_declared_pixels(layout, images)
     return header
+
+
+def _check_declared_pixels(layout: Layout, images: ImageSettings) -> None:
+    """Refuse an image whose Image Pixel module declares what no pipeline may decode."""
+    rows, columns = layout.us(ROWS), layout.us(COLUMNS)
+    bits = layout.us(BITS_ALLOCATED)
+    if rows is None or columns is None or bits is None:
+        return  # not an image pixel module the limits can judge (float pixel data, say)
+    frames = layout.integer_string(NUMBER_OF_FRAMES)
+    geometry = Geometry(
+        rows=rows,
+        columns=columns,
+        frames=1 if frames is None else frames,
+        samples_per_pixel=layout.us(SAMPLES_PER_PIXEL) or 1,
+        bits_allocated=bits,
+    )
+    problem = invalid_geometry(geometry)
+    if problem is not None:
+        raise DatasetMismatch(f"the image {problem}")
+    problem = declared_size_problem(geometry, images)
+    if problem is not None:
+        raise ImageRefused(f"the image {problem}: no pipeline would decode it")
 
 
 def _is_stat(priority: bytes) -> bool:
@@ -128,8 +168,11 @@ class StorageSCP:
         spool: Spool,
         quarantine: Quarantine,
         on_study_ready: Callable[[], None] | None = None,
+        images: ImageSettings | None = None,
     ) -> None:
         self.listener = listener
+        # What an image may declare; one above it is refused at receipt (0xC000).
+        self.images = images if images is not None else ImageSettings()
         self.completion = completion
         self.index = index
         self.spool = spool
@@ -191,7 +234,7 @@ class StorageSCP:
             )
             self._touch(assoc, study_uid, modality)
             return SUCCESS
-        except CorruptDataset as exc:
+        except (CorruptDataset, ImageRefused) as exc:
             return self._reject(staged, CANNOT_UNDERSTAND, str(exc), calling_aet, sop_uid)
         except DatasetMismatch as exc:
             return self._reject(staged, DATASET_MISMATCH, str(exc), calling_aet, sop_uid)
@@ -307,7 +350,11 @@ class StorageSCP:
             raise OutOfResources(f"cannot store: {staged.error.strerror or staged.error}")
         with staged.mapped() as whole:
             return check_instance(
-                whole[staged.dataset_offset :], transfer_syntax, sop_class_uid, sop_instance_uid
+                whole[staged.dataset_offset :],
+                transfer_syntax,
+                sop_class_uid,
+                sop_instance_uid,
+                self.images,
             )
 
     def store_instance(

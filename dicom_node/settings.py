@@ -147,6 +147,21 @@ class StorageSettings(Strict):
         return self.data_dir / "outputs"
 
 
+class ImageSettings(Strict):
+    """What an image may declare, checked before anything decodes it (and at receipt).
+
+    A few megabytes of compressed pixel data can declare 65535 x 65535 pixels: decoding that
+    would need about 100 GB. An image above a limit is refused by the listener (0xC000,
+    quarantined with the reason; raise the limit and ``pacs-ai quarantine retry``) and failed
+    by the worker with the reason, before any decoder runs.
+    """
+
+    # Rows x columns of one frame (a 4300 x 4300 detector is 18.5 million).
+    max_frame_pixels: int = Field(default=36_000_000, ge=1)
+    # Rows x columns x frames x samples x bytes per sample, decoded, of a whole instance.
+    max_decoded_bytes: int = Field(default=2 << 30, ge=1)
+
+
 class IndexSettings(Strict):
     """The index database: SQLite by default, PostgreSQL when scaled out."""
 

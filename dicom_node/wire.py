@@ -37,6 +37,12 @@ _PIXEL_GROUP = 0x7FE0
 # Requested Procedure Priority, and the sequence in which a request from the worklist carries it.
 REQUESTED_PROCEDURE_PRIORITY = 0x00401003
 REQUEST_ATTRIBUTES_SEQUENCE = 0x00400275
+# What an image declares of its pixels (checked against the site's limits at receipt).
+SAMPLES_PER_PIXEL = 0x00280002
+NUMBER_OF_FRAMES = 0x00280008
+ROWS = 0x00280010
+COLUMNS = 0x00280011
+BITS_ALLOCATED = 0x00280100
 # The top-level elements whose values the walk keeps.
 KEPT_TAGS = frozenset(
     {
@@ -46,6 +52,11 @@ KEPT_TAGS = frozenset(
         0x0020000D,  # Study Instance UID
         0x0020000E,  # Series Instance UID
         REQUESTED_PROCEDURE_PRIORITY,
+        SAMPLES_PER_PIXEL,
+        NUMBER_OF_FRAMES,
+        ROWS,
+        COLUMNS,
+        BITS_ALLOCATED,
     }
 )
 
@@ -256,9 +267,26 @@ class Layout:
     # Requested Procedure Priority in each item of the Request Attributes Sequence.
     request_priorities: tuple[bytes, ...] = ()
 
+    little_endian: bool = True
+
     def text(self, tag: int) -> str:
         """A kept string value as text, without its padding ("" when absent or empty)."""
         return self.values.get(tag, b"").decode("latin-1").strip("\x00 ")
+
+    def us(self, tag: int) -> int | None:
+        """A kept US value (its first), or None when absent or not two bytes long."""
+        value = self.values.get(tag, b"")
+        if len(value) < 2:
+            return None
+        return int(struct.unpack_from("<H" if self.little_endian else ">H", value)[0])
+
+    def integer_string(self, tag: int) -> int | None:
+        """A kept IS value (its first), or None when absent or not a number."""
+        text = self.text(tag).split("\\")[0].strip()
+        try:
+            return int(text) if text else None
+        except ValueError:
+            return None
 
 
 def check_complete(
@@ -279,4 +307,5 @@ def check_complete(
         header_end=end,
         values=top.values,
         request_priorities=tuple(top.priorities),
+        little_endian=little_endian,
     )

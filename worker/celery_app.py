@@ -12,6 +12,7 @@ from kombu import Queue
 from dicom_node.queue import TASK_PROCESS_STUDY, celery_config
 from worker import tasks
 from worker.context import WorkerContext
+from worker.imaging.isolated import IsolatedDecoder
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def create_app(settings: Settings, broker_url: str) -> Celery:
         # Load the model before the first job: an urgent study must not pay for the load.
         card = context.cxr_classifier().card
         log.info("model %s %s loaded%s", card.name, card.version, " (DEMO)" if card.demo else "")
+        if isinstance(context.decoder, IsolatedDecoder):
+            context.decoder.start()
         # Retries and escalations of urgent alerts, independent of the job queue.
         context.dispatcher.start()
         # SR deliveries: retries with backoff, the circuit breaker and dead letters (worker.outbox).

@@ -423,6 +423,7 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
         write_csv,
         write_json,
     )
+    from worker.imaging.isolated import IsolatedDecoder
     from worker.models import ModelLoadError, load_classifier
 
     settings = _settings(args)
@@ -441,17 +442,26 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
         classifier = load_classifier(
             triage, demo_dir=settings.storage.data_dir / "models" / "demo-cxr"
         )
-        evaluation = evaluate_classifier(
-            classifier,
-            args.data,
-            args.labels,
-            triage.thresholds,
-            target_sensitivity=args.target_sensitivity,
-            target_ppv=args.target_ppv,
-            bootstrap=args.bootstrap,
-            seed=args.seed,
-            progress=None if args.quiet else progress,
+        # Whatever the folder holds is decoded as the worker decodes it: a corrupt image costs
+        # that image, not the whole run.
+        decoder = IsolatedDecoder(
+            settings.worker.decode_timeout_s, settings.worker.decoder_memory_mb
         )
+        try:
+            evaluation = evaluate_classifier(
+                classifier,
+                args.data,
+                args.labels,
+                triage.thresholds,
+                target_sensitivity=args.target_sensitivity,
+                target_ppv=args.target_ppv,
+                bootstrap=args.bootstrap,
+                seed=args.seed,
+                progress=None if args.quiet else progress,
+                decoder=decoder,
+            )
+        finally:
+            decoder.close()
     except (ModelLoadError, EvaluationError) as exc:
         print(f"cannot evaluate: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from dicom_node.index import Index
 from worker.alerting import AlertDispatcher
+from worker.imaging.decode import FrameDecoder, InProcessDecoder
+from worker.imaging.isolated import IsolatedDecoder
 from worker.models import load_classifier
 from worker.models.base import Classifier
 from worker.models.batching import BatchingClassifier
@@ -22,6 +24,13 @@ class WorkerContext:
         self.index = Index(settings.index_url)
         self.dispatcher = AlertDispatcher(self.index, settings.alerts)
         self.outbox = OutboxDispatcher(self.index, settings.outputs)
+        worker = settings.worker
+        # Compressed pixel data from senders is decoded apart (worker.imaging.isolated).
+        self.decoder: FrameDecoder = (
+            IsolatedDecoder(worker.decode_timeout_s, worker.decoder_memory_mb, worker.concurrency)
+            if worker.isolate_decoding
+            else InProcessDecoder()
+        )
         self._classifier: Classifier | None = None
         self._lock = threading.Lock()
 
@@ -47,4 +56,6 @@ class WorkerContext:
     def close(self) -> None:
         self.dispatcher.stop()
         self.outbox.stop()
+        if isinstance(self.decoder, IsolatedDecoder):
+            self.decoder.close()
         self.index.close()

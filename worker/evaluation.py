@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,9 @@ from pydicom.errors import InvalidDicomError
 
 from worker.findings import DEMO_LABEL, DecodedImage
 from worker.models.base import Classifier
+
+if TYPE_CHECKING:
+    from worker.imaging.decode import FrameDecoder
 
 KEY_COLUMNS = ("sop_instance_uid", "file")
 DEFAULT_BOOTSTRAP = 1000
@@ -270,12 +273,12 @@ class LabelledImage:
     labels: dict[str, int]
 
 
-def _decode(path: Path) -> DecodedImage | None:
+def _decode(path: Path, decoder: FrameDecoder | None) -> DecodedImage | None:
     from worker.imaging.decode import UndecodableImage, UnsupportedImage, decode_instance
 
     try:
         ds = pydicom.dcmread(path)
-        return decode_instance(ds)
+        return decode_instance(ds, decoder=decoder)
     except (
         InvalidDicomError,
         UnsupportedImage,
@@ -310,8 +313,12 @@ def evaluate_classifier(
     bootstrap: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     progress: Progress | None = None,
+    decoder: FrameDecoder | None = None,
 ) -> Evaluation:
-    """Score every labelled DICOM image under `data` and compute the metrics per finding."""
+    """Score every labelled DICOM image under `data` and compute the metrics per finding.
+
+    Compressed frames are decoded through ``decoder`` (in this process when None).
+    """
     say = progress or (lambda message: None)
     key_column, labels = read_labels(labels_path)
     card = classifier.card
@@ -352,7 +359,7 @@ def evaluate_classifier(
         say(f"scored {done} image(s) ({rate:.1f}/s)")
 
     for path in files:
-        image = _decode(path)
+        image = _decode(path, decoder)
         if image is None:
             unreadable.append(str(path.relative_to(data)))
             continue

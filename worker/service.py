@@ -37,6 +37,7 @@ def node_config(settings: Settings, broker_url: str) -> NodeConfig:
         index_url=settings.index_url,
         broker_url=broker_url,
         routing=settings.routing,
+        images=settings.images,
     )
 
 

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from dicom_node.settings import (
     CompletionSettings,
     DestinationSettings,
+    ImageSettings,
     IndexSettings,
     ListenerSettings,
     QueueSettings,
@@ -61,6 +62,14 @@ class WorkerSettings(Strict):
 
     queues: list[str] = Field(default_factory=lambda: ["stat", "routine"])
     concurrency: int = Field(default=1, ge=1)
+    # Compressed pixel data is decoded in child processes of the worker, so that a decoder that
+    # crashes on a corrupt stream (gdcm aborts on some) costs the image, not the worker. Off
+    # only to debug a decoder: then such an image kills the worker.
+    isolate_decoding: bool = True
+    # A frame not decoded within this long fails its image; the decoder process is replaced.
+    decode_timeout_s: float = Field(default=60.0, gt=0)
+    # Memory a decoder process may take beyond what it needs to start.
+    decoder_memory_mb: int = Field(default=2048, ge=64)
 
 
 class OutputSettings(Strict):
@@ -169,6 +178,7 @@ class Settings(Strict):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)

@@ -83,6 +83,8 @@ def _run_cxr(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         key_images=any(d.kos for d in settings.outputs.destinations),
         on_findings=alert_now,
         summary_image=any(d.summary_image for d in settings.outputs.destinations),
+        decoder=ctx.decoder,
+        limits=settings.images,
     )
     sr = result.sr
     sr_uid = str(sr.SOPInstanceUID)

@@ -3,25 +3,45 @@
 The steps are those of the DICOM grayscale pipeline (PS3.4 N.2): stored values, Modality LUT
 (rescale or LUT), VOI LUT (LUT or window), Presentation LUT (MONOCHROME1 is inverted). Only
 permissively licensed decoders are used; a syntax they cannot read is an UndecodableImage.
+
+Pixel data comes from senders and is not to be trusted. Before anything decodes it, what the
+header declares is checked against the site's limits (``images``: an RLE frame of a few MB may
+declare 65535 x 65535 pixels). Native decoders are tried in an order that puts the sturdiest
+first (pillow before gdcm for JPEG; gdcm aborts the whole process on some corrupt streams), and
+the worker runs them through a ``FrameDecoder`` in a child process of its own
+(``worker.imaging.isolated``), so that a decoder that crashes, hangs or eats memory costs one
+image, not the worker.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Protocol
+
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 
+from dicom_node.images import Geometry, declared_size_problem, invalid_geometry
+from dicom_node.settings import ImageSettings
 from worker.findings import DecodedImage
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -42,6 +62,36 @@ _GPL_ROUTES: dict[str, frozenset[str]] = {
     )
 }
 
+# The decoders to try for each syntax, sturdiest first; those not installed are skipped. gdcm
+# comes last where anything else can read the syntax: it aborts the process (a C++ exception) on
+# some corrupt streams and mismatched headers, where pillow and openjpeg raise.
+_PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
+    JPEGBaseline8Bit: ("pillow", "gdcm"),
+    JPEGExtended12Bit: ("pillow", "gdcm"),
+    JPEGLossless: ("gdcm",),
+    JPEGLosslessSV1: ("gdcm",),
+    JPEGLSLossless: ("pyjpegls", "gdcm"),
+    JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+    JPEG2000Lossless: ("pylibjpeg", "pillow", "gdcm"),
+    JPEG2000: ("pylibjpeg", "pillow", "gdcm"),
+    HTJ2KLossless: ("pylibjpeg",),
+    HTJ2KLosslessRPCL: ("pylibjpeg",),
+    HTJ2K: ("pylibjpeg",),
+    RLELossless: ("pylibjpeg", "pydicom"),
+}
+# The Image Pixel module's attributes a decoder reads (PS3.3 C.7.6.3).
+PIXEL_MODULE = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
+
 # Without a VOI in the header, the window spans these percentiles of the modality values: wide
 # enough for the whole body, robust to collimator edges and burnt-in labels.
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
@@ -55,7 +105,55 @@ class UnsupportedImage(Exception):
 
 
 class UndecodableImage(Exception):
-    """The pixel data's transfer syntax cannot be decoded by the installed permissive decoders."""
+    """The pixel data cannot be decoded: its syntax, or the installed permissive decoders failed."""
+
+
+class ImageTooLarge(UnsupportedImage):
+    """The header declares more pixels than the site's ``images`` limits allow."""
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One compressed frame to decode, with what a decoder needs of the header."""
+
+    transfer_syntax: str
+    header: dict[str, Any]  # PIXEL_MODULE values
+    frame: bytes  # the frame's encoded bytes, as in the Pixel Data's fragments
+    plugins: tuple[str, ...]  # pydicom decoding plugins to try, in order
+
+
+class FrameDecoder(Protocol):
+    """Turns a compressed frame into its stored values; raises ``UndecodableImage``."""
+
+    def decode(self, request: FrameRequest) -> npt.NDArray[Any]: ...
+
+
+def decode_frame(request: FrameRequest) -> npt.NDArray[Any]:
+    """Decode one frame here, in this process: the plugins in order until one succeeds."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(request.transfer_syntax)
+    for keyword, value in request.header.items():
+        setattr(ds, keyword, value)
+    ds.NumberOfFrames = 1
+    ds.PixelData = encapsulate([request.frame])
+    errors: list[str] = []
+    for plugin in request.plugins:
+        try:
+            return pixel_array(ds, decoding_plugin=plugin)
+        except Exception as exc:  # each plugin fails in its own way; try the next one
+            errors.append(f"{plugin}: {exc}")
+    raise UndecodableImage(
+        f"pixel data in {_syntax_name(UID(request.transfer_syntax))} could not be decoded "
+        f"({'; '.join(errors)})"
+    )
+
+
+class InProcessDecoder:
+    """Decodes in the calling process: for trusted images (the demo's own, training, tests)."""
+
+    def decode(self, request: FrameRequest) -> npt.NDArray[Any]:
+        return decode_frame(request)
 
 
 F32 = npt.NDArray[np.float32]
@@ -75,8 +173,12 @@ def _permissive_plugins(uid: UID) -> list[str]:
         ) from exc
     if not uid.is_compressed:
         return [""]
-    plugins = [
+    available = [
         name for name in decoder.available_plugins if uid not in _GPL_ROUTES.get(name, frozenset())
+    ]
+    preferred = _PREFERRED_PLUGINS.get(uid, ())
+    plugins = [p for p in preferred if p in available] + [
+        p for p in available if p not in preferred
     ]
     if not plugins:
         missing = "; ".join(decoder.missing_dependencies) or "none installed"
@@ -183,8 +285,54 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def decode_instance(ds: Dataset, frame: int = 0) -> DecodedImage:
-    """One frame of `ds` as a model input: float32 in [0, 1], 0 = black as displayed."""
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise UnsupportedImage(f"{keyword} is missing")
+        return default
+    try:
+        return int(_first(value))
+    except (TypeError, ValueError):
+        raise UnsupportedImage(f"{keyword} is not a number") from None
+
+
+def geometry(ds: Dataset) -> Geometry:
+    """The pixels ``ds`` declares; ``UnsupportedImage`` when the header does not say."""
+    return Geometry(
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=_int(ds, "NumberOfFrames", 1),
+        samples_per_pixel=_int(ds, "SamplesPerPixel", 1),
+        bits_allocated=_int(ds, "BitsAllocated"),
+    )
+
+
+def check_declared_size(ds: Dataset, limits: ImageSettings) -> Geometry:
+    """Raise ``UnsupportedImage`` for a geometry no image has, ``ImageTooLarge`` for one above
+    ``limits``; return the geometry otherwise."""
+    declared = geometry(ds)
+    invalid = invalid_geometry(declared)
+    if invalid is not None:
+        raise UnsupportedImage(f"not decoded: the image {invalid}")
+    problem = declared_size_problem(declared, limits)
+    if problem is not None:
+        raise ImageTooLarge(f"not decoded: the image {problem}")
+    return declared
+
+
+def decode_instance(
+    ds: Dataset,
+    frame: int = 0,
+    *,
+    decoder: FrameDecoder | None = None,
+    limits: ImageSettings | None = None,
+) -> DecodedImage:
+    """One frame of `ds` as a model input: float32 in [0, 1], 0 = black as displayed.
+
+    Compressed frames go to ``decoder`` (in this process when None); what the header declares
+    is checked against ``limits`` (the defaults when None) before that.
+    """
     if "PixelData" not in ds:
         raise UnsupportedImage("the instance has no Pixel Data (7FE0,0010)")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -192,26 +340,26 @@ def decode_instance(ds: Dataset, frame: int = 0) -> DecodedImage:
         raise UnsupportedImage(
             f"photometric interpretation {photometric or '(none)'!r} is not supported"
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = check_declared_size(ds, limits if limits is not None else ImageSettings()).frames
     if not 0 <= frame < frames:
         raise ValueError(f"frame {frame} requested from an instance with {frames} frame(s)")
     file_meta = getattr(ds, "file_meta", None)
     syntax = UID(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "")
     if not syntax:
         raise UndecodableImage("the instance has no Transfer Syntax UID in its file meta")
-
-    errors: list[str] = []
-    stored: npt.NDArray[np.generic] | None = None
-    for plugin in _permissive_plugins(syntax):
-        try:
-            stored = pixel_array(ds, index=frame if frames > 1 else None, decoding_plugin=plugin)
-            break
-        except Exception as exc:  # each plugin fails in its own way; try the next one
-            errors.append(f"{plugin or 'native'}: {exc}")
-    if stored is None:
-        raise UndecodableImage(
-            f"pixel data in {_syntax_name(syntax)} could not be decoded ({'; '.join(errors)})"
+    plugins = _permissive_plugins(syntax)
+    stored: npt.NDArray[Any]
+    if syntax.is_compressed:
+        stored = (decoder or InProcessDecoder()).decode(
+            FrameRequest(
+                str(syntax), _pixel_header(ds), _encoded_frame(ds, frame, frames), tuple(plugins)
+            )
         )
+    else:
+        try:
+            stored = pixel_array(ds, index=frame if frames > 1 else None)
+        except Exception as exc:
+            raise UndecodableImage(f"native pixel data could not be read: {exc}") from exc
 
     if photometric in COLOUR:
         grey = _grey_from_colour(stored, photometric, int(ds.get("BitsStored", 8)))
@@ -230,6 +378,18 @@ def decode_instance(ds: Dataset, frame: int = 0) -> DecodedImage:
         pixel_spacing_mm=_pixel_spacing(ds),
         view_position=str(ds.ViewPosition) if ds.get("ViewPosition") else None,
     )
+
+
+def _pixel_header(ds: Dataset) -> dict[str, Any]:
+    return {k: ds.data_element(k).value for k in PIXEL_MODULE if k in ds}  # type: ignore[union-attr]
+
+
+def _encoded_frame(ds: Dataset, frame: int, frames: int) -> bytes:
+    """One frame's encoded bytes out of the Pixel Data's fragments (no decoder involved)."""
+    try:
+        return bytes(get_frame(ds.PixelData, frame, number_of_frames=frames))
+    except Exception as exc:  # a broken offset table or fragment: pydicom raises several types
+        raise UndecodableImage(f"the encapsulated pixel data is malformed: {exc}") from exc
 
 
 def _grey_from_colour(stored: npt.NDArray[np.generic], photometric: str, bits: int) -> F32:

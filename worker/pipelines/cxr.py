@@ -20,9 +20,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.index import InstanceRecord
+from dicom_node.settings import ImageSettings
 from dicom_node.sop import IMAGE_STORAGE
 from worker.findings import DecodedImage, FindingResult, ModelCard
-from worker.imaging.decode import decode_instance
+from worker.imaging.decode import FrameDecoder, decode_instance
 from worker.models.base import Classifier
 from worker.outputs import kos as key_objects
 from worker.outputs import report as report_sr
@@ -96,9 +97,13 @@ def select_frontal(images: Sequence[Dataset]) -> list[Dataset]:
     return frontal
 
 
-def decode_images(images: Sequence[Dataset]) -> list[DecodedImage]:
-    """Decode every image to model-ready pixels."""
-    return [decode_instance(ds) for ds in images]
+def decode_images(
+    images: Sequence[Dataset],
+    decoder: FrameDecoder | None = None,
+    limits: ImageSettings | None = None,
+) -> list[DecodedImage]:
+    """Decode every image to model-ready pixels (compressed frames through ``decoder``)."""
+    return [decode_instance(ds, decoder=decoder, limits=limits) for ds in images]
 
 
 def classify(classifier: Classifier, decoded: Sequence[DecodedImage]) -> list[dict[str, float]]:
@@ -154,17 +159,21 @@ def run(
     key_images: bool = False,
     on_findings: FindingsReady | None = None,
     summary_image: bool = False,
+    decoder: FrameDecoder | None = None,
+    limits: ImageSettings | None = None,
 ) -> CxrResult:
     """The whole chest X-ray triage pipeline for one study.
 
     ``previous`` finds the documents a new one amends (see :data:`PreviousVersion`);
     ``key_images`` adds a Key Object Selection of the images behind present findings;
     ``on_findings`` is called as soon as the findings and the findings SR's identity are known,
-    before the remaining documents are built, so an urgent alert does not wait for them.
+    before the remaining documents are built, so an urgent alert does not wait for them;
+    ``decoder`` decodes compressed frames (in this process when None), after their declared size
+    was checked against ``limits``.
     """
     images = load_images(records)
     frontal = select_frontal(images)
-    decoded = decode_images(frontal)
+    decoded = decode_images(frontal, decoder, limits)
     scores = classify(classifier, decoded)
     merged = {**classifier.default_thresholds, **thresholds}
     card = classifier.card
