@@ -90,6 +90,7 @@ def build_storage_scp(
             config.storage.max_disk_used_fraction,
             config.storage.on_duplicate,
             locks=config.storage.locks_dir,
+            max_instance_bytes=config.listener.max_instance_bytes,
         ),
         Quarantine(config.storage.quarantine_dir, index),
         on_study_ready=on_study_ready,

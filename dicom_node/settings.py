@@ -93,6 +93,10 @@ class ListenerSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     max_pdu_bytes: int = Field(default=131072, ge=0)
+    # A received instance larger than this is cut off as it arrives and its association
+    # aborted; nothing of it is kept. (A disk above storage.max_disk_used_fraction, checked
+    # every megabyte while an instance arrives, stops it too: answered 0xA700, nothing kept.)
+    max_instance_bytes: int = Field(default=1 << 30, ge=1 << 20)
     # Associations of allowed peers served at once; more are rejected as busy (transient).
     max_associations: int = Field(default=16, ge=1, le=1000)
     # Connections that have not yet asked to associate (or not been admitted), counted apart

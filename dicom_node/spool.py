@@ -8,6 +8,7 @@ any point leaves at most a ``.partial`` file that is never indexed and is swept 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -38,6 +39,8 @@ FLUSH_STEP = 1 << 20
 # And every this many bytes the kernel is asked to start writing them out at once (Linux
 # ``sync_file_range``), so that each background flush finds most of its bytes on their way.
 WRITEBACK_STEP = 256 << 10
+# And every this many bytes the disk watermark is checked again while an instance arrives.
+SPACE_CHECK_STEP = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _flush_pool: ThreadPoolExecutor | None = None
 _flush_pool_lock = threading.Lock()
@@ -156,19 +159,43 @@ class StagedFile:
 
     A write error (disk full, I/O error) does not raise: pynetdicom would abort the association,
     and the sender must get 0xA700 instead. It is kept in ``error`` and raised by ``sync``.
+
+    Limits hold while the bytes arrive, not only when the file is published: past ``max_size``
+    bytes (``too_large`` says why) or once ``check_space`` finds the disk above its watermark
+    (checked every ``SPACE_CHECK_STEP`` bytes), the file is removed at once and the rest of the
+    data set is not written; ``error`` says why. A file made with ``error`` set holds nothing.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_size: int | None = None,
+        check_space: Callable[[], None] | None = None,
+        error: OSError | None = None,
+    ) -> None:
         self.path = path
         self.name = str(path)
         self.size = 0
         self.dataset_offset = 0  # where the data set starts, after the preamble and file meta
-        self.error: OSError | None = None
+        self.error: OSError | None = error
+        # Why the data set was cut off: larger than max_size (the association should end).
+        self.too_large: str | None = None
         self.published = False
+        self._max_size = max_size
+        self._check_space = check_space
         self._flushed = 0  # bytes covered by the last background flush
         self._written_back = 0  # bytes whose writeback was started (sync_file_range)
         self._flush: Future[None] | None = None
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        self._fd: int | None = (
+            None if error is not None else os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        )
+
+    def _give_up(self, error: OSError) -> None:
+        """Stop writing: remove what was written, keep ``error`` for ``sync`` to raise."""
+        self.error = error
+        self.close()
+        _remove(self.path)
 
     @property
     def file(self) -> StagedFile:
@@ -182,6 +209,19 @@ class StagedFile:
         length = len(data)
         if self.error is not None or self._fd is None:
             return length
+        if self._max_size is not None and self.size + length > self._max_size:
+            self.too_large = f"the instance is larger than listener.max_instance_bytes ({self._max_size:,} bytes)"
+            self._give_up(OSError(errno.EFBIG, self.too_large))
+            return length
+        if (
+            self._check_space is not None
+            and (self.size + length) // SPACE_CHECK_STEP != self.size // SPACE_CHECK_STEP
+        ):
+            try:
+                self._check_space()
+            except OutOfResources as exc:
+                self._give_up(OSError(errno.ENOSPC, str(exc)))
+                return length
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -320,8 +360,11 @@ class Spool:
         max_disk_used_fraction: float = 0.95,
         on_duplicate: Literal["keep", "replace"] = "keep",
         locks: Path | None = None,
+        max_instance_bytes: int | None = None,
     ) -> None:
         self.root = root
+        # A received instance larger than this is cut off as it arrives (listener setting).
+        self.max_instance_bytes = max_instance_bytes
         self.max_disk_used_fraction = max_disk_used_fraction
         # What the listener does with a SOP Instance UID it already holds (storage.on_duplicate).
         self.on_duplicate = on_duplicate
@@ -375,17 +418,27 @@ class Spool:
     def stage(self, chunks: Iterable[bytes] = ()) -> StagedFile:
         """A new ``StagedFile`` under ``.incoming/``, holding ``chunks``.
 
-        Raises ``OutOfResources`` when not even an empty file can be made there.
+        It keeps to ``max_instance_bytes`` and the disk watermark as it is written. When the disk
+        is above the watermark already, or not even an empty file can be made, the staged file
+        holds nothing and says why in ``error``: the data set is received without being kept,
+        and the sender is answered 0xA700, whatever its size.
         """
         path = self.incoming / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+
+        def make() -> StagedFile:
+            return StagedFile(path, max_size=self.max_instance_bytes, check_space=self.check_space)
+
         try:
+            self.check_space()
             try:
-                staged = StagedFile(path)
+                staged = make()
             except FileNotFoundError:  # the folder went (an admin cleaned up): make it again
                 self.incoming.mkdir(parents=True, exist_ok=True)
-                staged = StagedFile(path)
+                staged = make()
+        except OutOfResources as exc:
+            return StagedFile(path, error=OSError(errno.ENOSPC, str(exc)))
         except OSError as exc:
-            raise OutOfResources(f"cannot store: {exc.strerror or exc}") from exc
+            return StagedFile(path, error=exc)
         return staged.write_all(chunks)
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, staged: StagedFile) -> Path:

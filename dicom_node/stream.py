@@ -558,12 +558,9 @@ class StreamingDUL(DULServiceProvider):
             self.assoc.requestor.ae_title,
             self.assoc.acceptor.ae_title,
         )
-        try:
-            staged = self.spool.stage([preamble])
-        except Exception as exc:
-            # No file (disk full, say): pynetdicom receives it in memory and the handler answers.
-            log.warning("receiving a data set in memory: %s", exc)
-            return None
+        # With the disk above its watermark the staged file keeps nothing and the handler
+        # answers 0xA700: the data set is read off the wire, never held in memory.
+        staged = self.spool.stage([preamble])
         staged.dataset_offset = len(preamble)
         return DirectStore(
             context_id, message_id, sop_class_uid, sop_instance_uid, UID(transfer_syntax), staged
@@ -579,6 +576,8 @@ class StreamingDUL(DULServiceProvider):
             return _Step.DONE
         for start, end, _ in fragments:
             direct.staged.write(body[start:end])
+        if direct.staged.too_large is not None:
+            return self._abort_too_large(direct.staged)
         if not fragments or not fragments[-1][2]:
             return _Step.MORE
         direct.staged.complete()
@@ -603,6 +602,18 @@ class StreamingDUL(DULServiceProvider):
         sock = cast(BulkReadSocket, self.socket)
         sock.send(_pdata_pdus(direct.context_id, command, self.assoc.dimse.maximum_pdu_size))
         return _Step.MORE if self.event_queue.empty() else _Step.DONE
+
+    def _abort_too_large(self, staged: StagedFile) -> _Step:
+        """End the association of a data set above the size limit: nothing more is read of it."""
+        log.error(
+            "C-STORE from %s cut off and the association aborted: %s",
+            self.assoc.requestor.ae_title.strip(),
+            staged.too_large,
+        )
+        self._drop_direct()
+        staged.discard()
+        self.event_queue.put("Evt19")  # A-ABORT to the peer, A-P-ABORT to the association
+        return _Step.DONE
 
     def _drop_direct(self) -> None:
         direct, self._direct = self._direct, None
@@ -646,6 +657,9 @@ class StreamingDUL(DULServiceProvider):
             return None
         for start, end, _ in fragments:
             staged.write(body[start:end])
+        if staged.too_large is not None:
+            self._abort_too_large(staged)
+            return _Streamed(last=True)
         last = fragments[-1][2]
         if last:
             staged.complete()
@@ -669,11 +683,10 @@ class StreamingDUL(DULServiceProvider):
                 self.assoc.requestor.ae_title,
                 self.assoc.acceptor.ae_title,
             )
-            staged = self.spool.stage([preamble])
-        except Exception as exc:
-            # No file (disk full, say): the data set stays in memory and the handler answers.
+        except Exception as exc:  # an unknown context: pynetdicom's own handling of the message
             log.warning("receiving a data set in memory: %s", exc)
             return None
+        staged = self.spool.stage([preamble])
         staged.dataset_offset = len(preamble)
         message._data_set_file = cast(Any, staged)  # pynetdicom types it as a NamedTemporaryFile
         message._data_set_path = staged.path

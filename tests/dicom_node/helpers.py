@@ -35,6 +35,10 @@ def small_study(
     )
 
 
+# send_raw's answer when there was none (the listener aborted the association).
+NO_ANSWER = -1
+
+
 def send_raw(
     path: Path, port: int, sop_class: str, transfer_syntax: str, called_aet: str = "PACSAI"
 ) -> int:
@@ -42,6 +46,7 @@ def send_raw(
 
     dcmtk's storescu refuses to send a file it cannot parse, so corrupt input goes through
     pynetdicom's chunked sender, which streams the encoded bytes after the file meta header.
+    Returns the C-STORE status, or ``NO_ANSWER`` when the association ended without one.
     """
     ae = AE(ae_title="RAWSCU")
     ae.add_requested_context(sop_class, transfer_syntax)
@@ -54,7 +59,7 @@ def send_raw(
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
-    return int(status.Status)
+    return int(status.Status) if "Status" in status else NO_ANSWER
 
 
 def c_echo(port: int, called_aet: str = "PACSAI") -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -17,7 +18,8 @@ from pynetdicom import AE
 from dicom_node.node import DicomNode, NodeConfig
 from dicom_node.spool import disk_used_fraction
 from tests.dicom_node.conftest import StartNode
-from tests.dicom_node.helpers import send_raw, small_study
+from tests.dicom_node.helpers import NO_ANSWER, send_raw, small_study
+from tests.servers import storescu
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -337,3 +339,94 @@ class _Sender:
 
     def close(self) -> None:
         self.assoc.release()
+
+
+# --- limits while an instance arrives ---------------------------------------------------------
+
+
+def _large_image(folder: Path, rows: int, columns: int) -> Path:
+    """A valid DX image of ``rows`` x ``columns`` 16-bit pixels, uncompressed."""
+    [path] = small_study(folder)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = b"\x10\x02" * (rows * columns)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = folder / "large.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _left_in_spool(node: DicomNode) -> list[Path]:
+    return _files_under(node.spool.root)
+
+
+def test_an_instance_above_max_instance_bytes_is_cut_off_and_leaves_nothing(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    def small_limit(config: NodeConfig) -> None:
+        config.listener.max_instance_bytes = 1 << 20
+
+    node = start_node(small_limit)
+    big = _large_image(tmp_path / "in", 1024, 1024)  # 2 MB of pixels
+    result = storescu([big], host="127.0.0.1", port=node.port, called_aet="PACSAI")
+    assert result.returncode != 0, "the sender must not hear success"
+    assert node.index.instance(_sop(big)) is None
+    assert _left_in_spool(node) == [], "nothing of it may stay behind"
+    # The same limit on pynetdicom's path, and the listener serves on.
+    assert _send(node, big) == NO_ANSWER
+    assert _left_in_spool(node) == []
+    [small] = small_study(tmp_path / "ok")
+    assert _send(node, small) == 0x0000
+
+
+def test_a_disk_that_crosses_its_watermark_during_receipt_stops_the_instance_at_once(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """One sender must not fill the disk: the watermark holds while the bytes arrive."""
+    big = _large_image(tmp_path / "in", 4096, 8192)  # 64 MiB of pixels
+    usage = shutil.disk_usage(tmp_path)
+    used = usage.total - usage.free
+    # The watermark lies 16 MiB above what is used now: the instance crosses it a quarter in.
+    watermark = (used + (16 << 20)) / usage.total
+
+    def tight(config: NodeConfig) -> None:
+        config.storage.max_disk_used_fraction = watermark
+
+    node = start_node(tight)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            now = shutil.disk_usage(tmp_path)
+            peak[0] = max(peak[0], now.total - now.free)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        status = _send(node, big)
+    finally:
+        done.set()
+        watcher.join()
+    assert status == OUT_OF_RESOURCES
+    assert _left_in_spool(node) == []
+    assert node.index.list_quarantine() == [], "a full disk is not the sender's fault"
+    grew_mib = (peak[0] - used) / (1 << 20)
+    # The instance is 64 MiB; the spool stopped writing it about when the watermark was crossed.
+    assert grew_mib < 40, f"the disk took {grew_mib:.0f} MiB of a refused instance"
+
+
+def test_an_image_declaring_more_pixels_than_any_pipeline_decodes_is_refused_at_receipt(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    from tests.images import rle_bomb
+
+    node = start_node()
+    bomb = rle_bomb(tmp_path / "in", 12000, 12000)  # 2.3 MB on the wire, 288 MB decoded
+    status = _send(node, bomb)
+    assert status == 0xC000
+    assert node.index.instance(_sop(bomb)) is None
+    [entry] = node.index.list_quarantine()
+    assert "images.max_frame_pixels" in entry.reason and "12000 x 12000" in entry.reason
