@@ -15,8 +15,9 @@ jobs the broker never accepted (broker down, crash between commit and publish) s
 are handed over on a later pass. Queued jobs whose message went to an earlier run of the broker (it
 restarted, and may have lost it) go back to ``created`` and are handed over again, as do running
 ones of an earlier run that started more than the visibility timeout ago (their worker died). A
-study that gets an instance while it is being routed is left open and routed again after its new
-completion time.
+running job whose worker sent no heartbeat for ``queue.worker_lost_after_s`` goes back to
+``created`` too (or to ``dead`` after ``queue.max_worker_losses`` such deaths). A study that gets
+an instance while it is being routed is left open and routed again after its new completion time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from typing import Protocol
 
 from dicom_node.background import BackgroundPass
-from dicom_node.index import Index, StudyRow
+from dicom_node.index import Index, JobStatus, StudyRow
 from dicom_node.routing import read_study_headers, route_study
 from dicom_node.settings import CompletionSettings, QueueSettings, RoutingSettings
 
@@ -37,6 +38,15 @@ class JobSender(Protocol):
     def send(self, job_id: str, queue: str) -> None: ...
 
     def broker_epoch(self) -> str | None: ...
+
+
+def report_lost_jobs(lost: list[tuple[str, JobStatus]]) -> None:
+    """Log what became of the running jobs of a worker that died."""
+    for job_id, status in lost:
+        if status == JobStatus.DEAD:
+            log.error("job %s failed for good: its worker died running it too often", job_id)
+        else:
+            log.warning("job %s goes back to its queue: its worker died running it", job_id)
 
 
 class StudyAssembler(BackgroundPass):
@@ -66,6 +76,7 @@ class StudyAssembler(BackgroundPass):
                 self._complete(study, now)
             except Exception:  # one study that cannot be routed must not hold up the others
                 log.exception("routing study %s failed; retrying", study.study_instance_uid)
+        self._requeue_jobs_of_lost_workers(now)
         return self._publish_pending()
 
     def _complete(self, study: StudyRow, now: float) -> None:
@@ -129,6 +140,13 @@ class StudyAssembler(BackgroundPass):
                 urgent,
                 job_id,
             )
+
+    def _requeue_jobs_of_lost_workers(self, now: float) -> None:
+        queues = self.queues
+        lost = self.index.requeue_jobs_of_lost_workers(
+            now, queues.worker_lost_after_s, queues.max_worker_losses
+        )
+        report_lost_jobs(lost)
 
     def _publish_pending(self) -> int:
         published = 0

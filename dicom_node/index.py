@@ -47,6 +47,9 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    # Failed for good, dead-letter style: its worker died running it queue.max_worker_losses
+    # times. A late copy of its message does not run it again; a new instance makes a new job.
+    DEAD = "dead"
 
 
 class DeliveryStatus(StrEnum):
@@ -120,6 +123,22 @@ jobs = sa.Table(
     # Which broker instance took the job's message (Redis run_id): a broker that restarted
     # without it may have lost the message, and the job is handed over again.
     sa.Column("broker_epoch", sa.String(64), nullable=True),
+    # The worker process running it ("host:pid"), and how often a worker died running it.
+    sa.Column("worker", sa.String(128), nullable=True),
+    sa.Column("losses", sa.Integer, nullable=True),
+)
+
+# Worker processes and their heartbeats: a running job whose worker went silent goes back to
+# its queue (Index.requeue_jobs_of_lost_workers).
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(64), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
 )
 
 outputs = sa.Table(
@@ -262,6 +281,8 @@ class JobRow:
     error: str | None
     result: dict[str, Any] | None
     broker_epoch: str | None = None
+    worker: str | None = None
+    losses: int | None = None
 
 
 @dataclass(frozen=True)
@@ -944,18 +965,24 @@ class Index:
             ).all()
         return [_job(r) for r in rows]
 
-    def start_job(self, job_id: str, now: float) -> JobRow | None:
-        """Mark a job running (one more attempt); None when the job is unknown or already done."""
+    def start_job(self, job_id: str, now: float, worker: str | None = None) -> JobRow | None:
+        """Mark a job running on ``worker`` (one more attempt); None when it is unknown, done or
+        dead (its worker died running it too often)."""
         with self._tx() as conn:
             row = conn.execute(
                 sa.select(jobs).where(jobs.c.job_id == job_id).with_for_update()
             ).first()
-            if row is None or row.status == JobStatus.DONE:
+            if row is None or row.status in (JobStatus.DONE, JobStatus.DEAD):
                 return None
             conn.execute(
                 jobs.update()
                 .where(jobs.c.job_id == job_id)
-                .values(status=JobStatus.RUNNING, started_at=now, attempts=jobs.c.attempts + 1)
+                .values(
+                    status=JobStatus.RUNNING,
+                    started_at=now,
+                    attempts=jobs.c.attempts + 1,
+                    worker=worker,
+                )
             )
             conn.execute(
                 studies.update()
@@ -995,6 +1022,137 @@ class Index:
                         reason=error,
                     )
                 )
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def worker_heartbeat(
+        self, worker_id: str, host: str, pid: int, queues: Sequence[str], now: float
+    ) -> None:
+        """A worker process is alive (its first heartbeat registers it)."""
+        with self._tx() as conn:
+            updated = conn.execute(
+                workers.update().where(workers.c.worker_id == worker_id).values(heartbeat_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    workers.insert().values(
+                        worker_id=worker_id,
+                        host=host,
+                        pid=pid,
+                        queues=",".join(queues),
+                        started_at=now,
+                        heartbeat_at=now,
+                    )
+                )
+
+    def workers_on(self, host: str) -> list[dict[str, Any]]:
+        """The registered worker processes of one host."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(workers).where(workers.c.host == host)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def remove_worker(self, worker_id: str) -> None:
+        """A worker that stopped in order: it runs no job any more."""
+        with self._tx() as conn:
+            conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
+
+    def worker_gone(
+        self, worker_id: str, why: str, now: float, max_losses: int
+    ) -> list[tuple[str, JobStatus]]:
+        """A worker process is known to have died (``why``): its running jobs are lost.
+
+        Each goes back to ``created`` to be handed over again, or, once a worker has died
+        running it ``max_losses`` times, to ``dead`` with the reason. Returns (job id, new
+        status) for each.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status == JobStatus.RUNNING, jobs.c.worker == worker_id)
+                .with_for_update()
+            ).all()
+            lost = [self._lose(conn, row, f"{worker_id} {why}", now, max_losses) for row in rows]
+            conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
+        return lost
+
+    def requeue_jobs_of_lost_workers(
+        self, now: float, lost_after_s: float, max_losses: int
+    ) -> list[tuple[str, JobStatus]]:
+        """Running jobs whose worker sent no heartbeat for ``lost_after_s`` are lost.
+
+        For workers on other machines, whose end nobody sees: see ``worker_gone`` for what
+        happens to the jobs. A worker that registered no heartbeat at all counts from the
+        job's start. Jobs started by workers that record none (older versions) are left to the
+        broker's visibility timeout.
+        """
+        silent_since = now - lost_after_s
+        heartbeat = (
+            sa.select(workers.c.heartbeat_at)
+            .where(workers.c.worker_id == jobs.c.worker)
+            .scalar_subquery()
+        )
+        lost_worker = sa.or_(
+            heartbeat < silent_since,
+            sa.and_(heartbeat.is_(None), jobs.c.started_at < silent_since),
+        )
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status == JobStatus.RUNNING, jobs.c.worker.is_not(None), lost_worker)
+                .with_for_update()
+            ).all()
+            lost = [
+                self._lose(
+                    conn,
+                    row,
+                    f"{row.worker} sent no heartbeat for {lost_after_s:g} s",
+                    now,
+                    max_losses,
+                )
+                for row in rows
+            ]
+            gone = {row.worker for row in rows}
+            if gone:
+                conn.execute(workers.delete().where(workers.c.worker_id.in_(gone)))
+        return lost
+
+    @staticmethod
+    def _lose(
+        conn: Connection, row: Any, why: str, now: float, max_losses: int
+    ) -> tuple[str, JobStatus]:
+        losses = (row.losses or 0) + 1
+        if losses >= max_losses:
+            status = JobStatus.DEAD
+            error = (
+                f"its worker died {losses} times while running it (last: {why}); not run "
+                "again: see the worker's log for what killed it"
+            )
+            study_status = StudyStatus.FAILED
+        else:
+            status = JobStatus.CREATED
+            error = f"its worker died while running it ({why}); handed over again ({losses} of {max_losses})"
+            study_status = StudyStatus.QUEUED
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.job_id == row.job_id)
+            .values(
+                status=status,
+                losses=losses,
+                error=error,
+                worker=None,
+                finished_at=now if status == JobStatus.DEAD else None,
+            )
+        )
+        conn.execute(
+            studies.update()
+            .where(studies.c.study_instance_uid == row.study_instance_uid)
+            .where(studies.c.status.in_([StudyStatus.QUEUED, StudyStatus.PROCESSING]))
+            .values(
+                status=study_status,
+                reason=error if status == JobStatus.DEAD else studies.c.reason,
+            )
+        )
+        return str(row.job_id), status
 
     # --- outputs and deliveries ----------------------------------------------------------
 

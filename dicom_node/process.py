@@ -10,9 +10,22 @@ the project and its dependencies where this interpreter has them installed.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def python_module_command(module: str, *args: str) -> list[str]:
     """The command line that runs ``module`` with this interpreter, isolated from the cwd."""
     return [sys.executable, "-I", "-m", module, *args]
+
+
+def exit_reason(code: int | None) -> str:
+    """A child's end as a person reads it: 'killed by SIGABRT', 'exit status 1'."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"

@@ -194,8 +194,20 @@ class QueueSettings(Strict):
     routine_queue: str = "routine"
     # Must exceed the longest job, or Redis hands an unacknowledged job to a second worker.
     visibility_timeout_s: int = Field(default=7200, ge=60)
+    # Workers write a heartbeat into the index this often; a running job whose worker wrote
+    # none for worker_lost_after_s goes back to its queue (a worker that serve sees exit:
+    # at once). After max_worker_losses such deaths the job is failed for good ("dead").
+    worker_heartbeat_s: float = Field(default=1.0, gt=0)
+    worker_lost_after_s: float = Field(default=8.0, gt=0)
+    max_worker_losses: int = Field(default=3, ge=1)
     # Priority STAT or one of these calling AE titles sends a study to the urgent queue.
     urgent_calling_aets: list[AETitle] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> QueueSettings:
+        if self.worker_lost_after_s < 3 * self.worker_heartbeat_s:
+            raise ValueError("worker_lost_after_s must be at least 3 worker_heartbeat_s")
+        return self
 
 
 class DestinationSettings(Strict):

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 from kombu import Queue
 
 from dicom_node.queue import TASK_PROCESS_STUDY, celery_config
@@ -37,6 +37,11 @@ def create_app(settings: Settings, broker_url: str) -> Celery:
     context = WorkerContext(settings)
 
     def warm_up(**_: Any) -> None:
+        # First: jobs left running by this host's workers that died go back to their queue,
+        # and this worker says it is alive before it takes a job.
+        context.heartbeat.run_once()
+        context.heartbeat.start()
+        context.heartbeat.reap_predecessors()
         # Load the model before the first job: an urgent study must not pay for the load.
         card = context.cxr_classifier().card
         log.info("model %s %s loaded%s", card.name, card.version, " (DEMO)" if card.demo else "")
@@ -47,7 +52,12 @@ def create_app(settings: Settings, broker_url: str) -> Celery:
         # SR deliveries: retries with backoff, the circuit breaker and dead letters (worker.outbox).
         context.outbox.start()
 
+    def shut_down(**_: Any) -> None:
+        # An orderly stop: no job runs here any more (the heartbeat row goes), decoders end.
+        context.close()
+
     worker_ready.connect(warm_up, weak=False)
+    worker_shutdown.connect(shut_down, weak=False)
 
     @app.task(name=TASK_PROCESS_STUDY, max_retries=None)
     def process_study(job_id: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dicom_node.index import Index
 from worker.alerting import AlertDispatcher
+from worker.heartbeat import Heartbeat
 from worker.imaging.decode import FrameDecoder, InProcessDecoder
 from worker.imaging.isolated import IsolatedDecoder
 from worker.models import load_classifier
@@ -24,6 +25,8 @@ class WorkerContext:
         self.index = Index(settings.index_url)
         self.dispatcher = AlertDispatcher(self.index, settings.alerts)
         self.outbox = OutboxDispatcher(self.index, settings.outputs)
+        # This process's heartbeat; jobs record it as their worker (worker.heartbeat).
+        self.heartbeat = Heartbeat(self.index, settings.queue, settings.worker.queues)
         worker = settings.worker
         # Compressed pixel data from senders is decoded apart (worker.imaging.isolated).
         self.decoder: FrameDecoder = (
@@ -53,7 +56,12 @@ class WorkerContext:
                 self._classifier = model
             return self._classifier
 
+    @property
+    def worker_id(self) -> str:
+        return self.heartbeat.worker_id
+
     def close(self) -> None:
+        self.heartbeat.stop()
         self.dispatcher.stop()
         self.outbox.stop()
         if isinstance(self.decoder, IsolatedDecoder):

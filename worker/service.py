@@ -15,17 +15,21 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 
+from dicom_node.assembly import report_lost_jobs
 from dicom_node.index import Index
 from dicom_node.node import DicomNode, NodeConfig
-from dicom_node.process import python_module_command
+from dicom_node.process import exit_reason, python_module_command
 from worker.ackserver import AckServer
 from worker.broker import EMBEDDED, EmbeddedBroker
+from worker.heartbeat import worker_id
 from worker.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
 # CPU priority (nice) of workers that take routine work, under the urgent lane's worker.
 ROUTINE_NICE = 10
+# How often serve looks for workers that exited (and hands their running jobs back).
+SUPERVISE_INTERVAL_S = 0.5
 
 
 def node_config(settings: Settings, broker_url: str) -> NodeConfig:
@@ -79,6 +83,9 @@ def run_worker(
     from worker.celery_app import create_app  # imports torch: only where a worker runs
 
     url = broker_url or require_broker_url(settings)
+    # What this process really serves (the command line may say otherwise than the file).
+    settings.worker.queues = list(queues)
+    settings.worker.concurrency = concurrency
     app = create_app(settings, url)
     argv = [
         "worker",
@@ -173,13 +180,28 @@ class Stack(AbstractContextManager["Stack"]):
         return answered
 
     def supervise_once(self) -> None:
-        """Restart a worker that died (its unacknowledged job goes back to the queue)."""
+        """Restart a worker that died; the job it was running goes back to its queue at once.
+
+        The broker would hand the job's unacknowledged message out again only after its
+        visibility timeout (hours); the index knows the job ran on that process, so it is handed
+        over again now (or failed for good after ``queue.max_worker_losses`` deaths).
+        """
         for i, (queues, proc) in enumerate(self.workers):
-            if proc.poll() is not None:
-                log.error(
-                    "worker for %s exited with %s; restarting", ",".join(queues), proc.returncode
-                )
-                self.workers[i] = (queues, self._spawn_worker(queues))
+            if proc.poll() is None:
+                continue
+            why = exit_reason(proc.returncode)
+            log.error("worker for %s (pid %d) %s; restarting", ",".join(queues), proc.pid, why)
+            if self.node is not None:
+                try:
+                    lost = self.node.index.worker_gone(
+                        worker_id(proc.pid), why, time.time(), self.settings.queue.max_worker_losses
+                    )
+                except Exception:  # the heartbeat timeout hands them over later
+                    log.exception("could not hand back the jobs of worker %d", proc.pid)
+                else:
+                    report_lost_jobs(lost)
+                    self.node.assembler.wake()
+            self.workers[i] = (queues, self._spawn_worker(queues))
 
     def stop(self) -> None:
         for _, proc in self.workers:
@@ -231,6 +253,6 @@ def run_serve(settings: Settings, config_path: Path | None) -> int:
             "embedded" if stack.broker else stack.broker_url,
             len(lanes),
         )
-        while not stop.event.wait(2.0):
+        while not stop.event.wait(SUPERVISE_INTERVAL_S):
             stack.supervise_once()
     return 0

@@ -34,9 +34,9 @@ REPORT_KIND = "report-sr"
 
 def process_study(ctx: WorkerContext, job_id: str) -> None:
     """Run the job's pipeline, record the outputs, queue their delivery and raise alerts."""
-    job = ctx.index.start_job(job_id, time.time())
+    job = ctx.index.start_job(job_id, time.time(), worker=ctx.worker_id)
     if job is None:
-        log.info("job %s already done or unknown; nothing to do", job_id)
+        log.info("job %s already done, dead or unknown; nothing to do", job_id)
         return
     if job.pipeline != "cxr":
         ctx.index.finish_job(

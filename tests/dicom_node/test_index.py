@@ -312,3 +312,65 @@ def test_only_instance_rows_commit_without_waiting_for_the_disk(tmp_path: Path) 
         assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2
     finally:
         index.close()
+
+
+# --- jobs whose worker died ----------------------------------------------------------------------
+
+
+def _running_job(index: Index, study: str, worker: str, at: float = 200.0) -> str:
+    index.record_instance(record(study + ".1.1", study=study), urgent=True, complete_after=130.0)
+    job_id = index.create_job(study, "cxr", "stat", now=at)
+    assert job_id is not None
+    index.mark_job_enqueued(job_id, at)
+    assert index.start_job(job_id, at + 1, worker=worker) is not None
+    return job_id
+
+
+def test_a_job_whose_worker_died_goes_back_to_its_queue_and_after_three_deaths_is_dead(
+    index: Index,
+) -> None:
+    job_id = _running_job(index, "1.2.7", "host-a:101")
+    other = _running_job(index, "1.2.8", "host-a:202")
+    workers = ("host-a:101", "host-a:303", "host-a:404")
+    for death, worker in enumerate(workers, start=1):
+        assert index.worker_gone(worker, "killed by SIGABRT", 300.0 + death, max_losses=3) == [
+            (job_id, JobStatus.CREATED if death < 3 else JobStatus.DEAD)
+        ]
+        job = index.job(job_id)
+        assert job is not None and job.losses == death and job.worker is None
+        if death < 3:
+            assert job.status == JobStatus.CREATED
+            assert [j.job_id for j in index.jobs_to_enqueue()] == [job_id]
+            assert f"handed over again ({death} of 3)" in (job.error or "")
+            index.mark_job_enqueued(job_id, 301.0 + death)
+            index.start_job(job_id, 302.0 + death, worker=workers[death])
+    job = index.job(job_id)
+    assert job is not None and job.status == JobStatus.DEAD
+    assert "its worker died 3 times while running it" in (job.error or "")
+    assert "killed by SIGABRT" in (job.error or "")
+    study = index.study("1.2.7")
+    assert study is not None and study.status == StudyStatus.FAILED
+    assert study.reason == job.error
+    # A late copy of its message does not run it again; the other worker's job was never touched.
+    assert index.start_job(job_id, 400.0, worker="host-a:505") is None
+    assert index.jobs_to_enqueue() == []
+    still = index.job(other)
+    assert still is not None and still.status == JobStatus.RUNNING and still.losses is None
+
+
+def test_a_job_whose_worker_stopped_sending_heartbeats_goes_back_to_its_queue(
+    index: Index,
+) -> None:
+    index.worker_heartbeat("host-b:1", "host-b", 1, ["stat"], now=200.0)
+    index.worker_heartbeat("host-c:1", "host-c", 1, ["stat"], now=200.0)
+    silent = _running_job(index, "1.2.9", "host-b:1", at=200.0)
+    alive = _running_job(index, "1.2.10", "host-c:1", at=200.0)
+    unregistered = _running_job(index, "1.2.11", "host-d:1", at=200.0)
+    index.worker_heartbeat("host-c:1", "host-c", 1, ["stat"], now=209.0)
+    assert index.requeue_jobs_of_lost_workers(205.0, lost_after_s=8.0, max_losses=3) == []
+    lost = index.requeue_jobs_of_lost_workers(209.5, lost_after_s=8.0, max_losses=3)
+    assert sorted(lost) == sorted([(silent, JobStatus.CREATED), (unregistered, JobStatus.CREATED)])
+    job = index.job(alive)
+    assert job is not None and job.status == JobStatus.RUNNING
+    assert [w["worker_id"] for w in index.workers_on("host-b")] == [], "the silent one is gone"
+    assert "sent no heartbeat for 8 s" in (index.job(silent).error or "")  # type: ignore[union-attr]

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from dicom_node.process import python_module_command
+from dicom_node.process import exit_reason, python_module_command
 from worker.imaging.decode import FrameRequest, UndecodableImage, decode_frame
 
 log = logging.getLogger(__name__)
@@ -38,18 +38,6 @@ log = logging.getLogger(__name__)
 READY = "ready"
 # How long a new child may take to import its decoders and say it is ready.
 _START_TIMEOUT_S = 120.0
-
-
-def exit_reason(code: int | None) -> str:
-    """A child's end as a person reads it: 'killed by SIGABRT', 'exit status 1'."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
 
 
 class _Child:
