@@ -129,9 +129,9 @@ class HandedServer(ThreadedAssociationServer):
                 peer = self._open.pop(request.fileno(), None)
             except (OSError, ValueError):  # closed already
                 peer = None
-        super().shutdown_request(request)
         if peer is not None and self.on_closed is not None:
             self.on_closed(peer)
+        super().shutdown_request(request)
 
     def serve(self, conn: socket.socket) -> None:
         """Run one association on an accepted connection (what ``get_request`` would return)."""

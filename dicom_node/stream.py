@@ -457,6 +457,10 @@ class StreamingDUL(DULServiceProvider):
         sock = cast(BulkReadSocket, self.socket)
         try:
             head = bytes(sock.recv(6))
+            if not head and not self.assoc.is_established:
+                # Closed before a word (a port check, a load balancer's probe): nothing to say.
+                self.event_queue.put("Evt17")
+                return None
             if len(head) < 6:
                 raise EOFError("connection closed")
             pdu_type, _, length = struct.unpack(">BBL", head)

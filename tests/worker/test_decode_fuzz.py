@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -78,7 +79,12 @@ def outcomes() -> Iterator[Counter[str]]:
     started = time.monotonic()
     yield counts
     seconds = time.monotonic() - started
-    print(f"\ndecode fuzz: {sum(counts.values())} examples in {seconds:.1f} s")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    print(
+        f"\ndecode fuzz: {sum(counts.values())} examples in {seconds:.1f} s; peak RSS "
+        f"{own} MB here, {children} MB in the largest ended child process"
+    )
     for outcome, count in sorted(counts.items()):
         print(f"  {count:6}  {outcome}")
 
