@@ -141,8 +141,12 @@ def decode_frame(request: FrameRequest) -> npt.NDArray[Any]:
     for plugin in request.plugins:
         try:
             return pixel_array(ds, decoding_plugin=plugin)
-        except Exception as exc:  # each plugin fails in its own way; try the next one
-            errors.append(f"{plugin}: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # Each plugin fails in its own way, the Rust ones (pylibjpeg-rle) with a panic that
+            # is no Exception at all: try the next one.
+            errors.append(f"{plugin}: {type(exc).__name__}: {exc}")
     raise UndecodableImage(
         f"pixel data in {_syntax_name(UID(request.transfer_syntax))} could not be decoded "
         f"({'; '.join(errors)})"
