@@ -67,6 +67,7 @@ DONE = b"D"
 _PENDING_GRACE_S = 10.0
 # Refused connections are logged per address at most once in this many seconds.
 _REFUSAL_LOG_INTERVAL_S = 10.0
+_REFUSALS_REMEMBERED = 1024
 
 
 def peer_key(address: str, port: int) -> str:
@@ -193,7 +194,8 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
             except Exception:
                 log.exception("could not start an association")
                 server.shutdown_request(conn)
-                tell(_line(DONE, peer))  # once more, should serve have failed before it counted
+                # shutdown_request reports it only if serve got as far as counting it.
+                tell(_line(DONE, peer))
     _drain(server, DRAIN_SECONDS if orderly else 0.0)
     scp.index.close()
 
@@ -443,6 +445,11 @@ class ListenerPool:
         also = f" ({count} more refused since the last report)" if count else ""
         log.warning("connection from %s refused: %s%s", address, refusal, also)
         self._refused[address] = (now, 0)
+        if len(self._refused) > _REFUSALS_REMEMBERED:  # many addresses: forget the quiet ones
+            for quiet in [
+                a for a, (t, _) in self._refused.items() if now - t >= _REFUSAL_LOG_INTERVAL_S
+            ]:
+                del self._refused[quiet]
 
     def _serve_locally(self, conn: socket.socket, key: str) -> None:
         assert self.local is not None

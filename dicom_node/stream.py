@@ -17,7 +17,10 @@ C-STOREs flow. Anything else (association set-up and release, other services, a 
 pieces, a PDU that mixes a command with data, an association with its own DIMSE or PDU event
 handlers or pynetdicom's INFO log on) takes pynetdicom's path; a C-STORE data set there is still
 written into a staged file as it arrives (``request._dataset_file``, the attribute pynetdicom uses
-for data sets it keeps in files), and a plain response is still encoded directly.
+for data sets it keeps in files), and a plain response is still encoded directly. Every PDU is
+read here, bounded in time (``BulkReadSocket``: the ACSE timeout until the association is
+established, so that nobody can hold a connection before the allow-list has seen it), and handed
+to pynetdicom's decoder and state machine as its own reader would.
 
 This relies on pynetdicom's upper-layer internals (``DULServiceProvider._read_pdu_data``, its
 queues and state machine, the DIMSE message being assembled, the association's reactor
