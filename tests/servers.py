@@ -102,6 +102,35 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def connect_from(port: int, source: str, opening: bytes = b"") -> socket.socket:
+    """A TCP connection to 127.0.0.1:``port`` from the loopback address ``source`` (Linux routes
+    all of 127/8 to loopback: another host on this one), having sent ``opening``."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=10, source_address=(source, 0))
+    sock.settimeout(10)
+    if opening:
+        sock.sendall(opening)
+    return sock
+
+
+def seconds_until_closed(sock: socket.socket, limit: float) -> float:
+    """How long the server took to close ``sock`` (end of file or reset); fails past ``limit``.
+
+    ``sock`` is closed afterwards either way.
+    """
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open for {limit} s")
+    finally:
+        sock.close()
+    return time.monotonic() - start
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

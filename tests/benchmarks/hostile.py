@@ -133,6 +133,7 @@ def main() -> int:
     parser.add_argument(
         "--acse-timeout", type=float, default=5.0, help="listener.acse_timeout_s (5)"
     )
+    parser.add_argument("--listener-processes", type=int, help="listener.processes (default)")
     args = parser.parse_args()
 
     from dicom_node.settings import PeerSettings
@@ -144,16 +145,20 @@ def main() -> int:
         settings = Settings()
         settings.listener.port = free_port()
         settings.listener.acse_timeout_s = args.acse_timeout
+        if args.listener_processes is not None:
+            settings.listener.processes = args.listener_processes
         settings.listener.peers = [
-            PeerSettings.model_validate({"ae_title": "CR_ER_1", "address": "127.0.0.1"})
+            PeerSettings.model_validate({"ae_title": aet, "address": "127.0.0.1"})
+            for aet in ("CR_ER_1", "ECHOSCU")  # the sender, and the readiness check
         ]
         settings.storage.data_dir = work / "data"
         settings.queue.broker_url = redis_url
         config = work / "site.yaml"
         write_settings(settings, config)
         log = (work / "node.log").open("wb")
-        node = subprocess.Popen(
-            [str(Path(sys.executable).with_name("pacs-ai")), "node", "--config", str(config)],
+        node = subprocess.Popen(  # this checkout's code (a worktree of an older commit, say)
+            [sys.executable, "-m", "worker.cli", "node", "--config", str(config)],
+            cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -185,16 +190,19 @@ def main() -> int:
     by_timeout = [t for t in lifetimes if t >= 0.5]
     ok_alone, median_alone, max_alone = _summary(alone)
     ok_attacked, median_attacked, max_attacked = _summary(attacked)
+    ratio = median_attacked / median_alone if ok_attacked and ok_alone else float("nan")
     print(f"machine: {platform.node()} {platform.machine()}, {platform.platform()}")
+    processes = "default" if args.listener_processes is None else args.listener_processes
     print(
-        f"listener: acse_timeout_s {args.acse_timeout:g}, defaults otherwise (max_pending 32, per address 8)"
+        f"listener: acse_timeout_s {args.acse_timeout:g}, processes {processes}, "
+        "defaults otherwise (max_pending_connections 32, max_pending_per_address 8)"
     )
     print(
         f"allowed sender alone:     {ok_alone}/{len(alone)} stored, median {median_alone:.0f} ms, max {max_alone:.0f} ms"
     )
     print(
         f"under attack:             {ok_attacked}/{len(attacked)} stored, median {median_attacked:.0f} ms, "
-        f"max {max_attacked:.0f} ms ({median_attacked / median_alone:.2f}x the median alone)"
+        f"max {max_attacked:.0f} ms ({ratio:.2f}x the median alone)"
     )
     print(
         f"attackers: {args.attackers} addresses x {args.per_attacker} connections kept open; "

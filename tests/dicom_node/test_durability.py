@@ -414,6 +414,7 @@ def test_a_disk_that_crosses_its_watermark_during_receipt_stops_the_instance_at_
     assert _left_in_spool(node) == []
     assert node.index.list_quarantine() == [], "a full disk is not the sender's fault"
     grew_mib = (peak[0] - used) / (1 << 20)
+    print(f"\nthe disk grew by at most {grew_mib:.1f} MiB while a refused 64 MiB instance arrived")
     # The instance is 64 MiB; the spool stopped writing it about when the watermark was crossed.
     assert grew_mib < 40, f"the disk took {grew_mib:.0f} MiB of a refused instance"
 

@@ -65,6 +65,18 @@ def _latest_job(index: Index, study_uid: str) -> JobRow | None:
     return jobs[-1] if jobs else None
 
 
+def _job_in(index: Index, study_uid: str, status: JobStatus, timeout: float, log: Path) -> JobRow:
+    """The study's latest job once it is in ``status``."""
+    job = _wait_for(
+        f"the job of {study_uid} to be {status.value}",
+        lambda: (j := _latest_job(index, study_uid)) and j.status == status and j,
+        timeout,
+        log,
+    )
+    assert isinstance(job, JobRow)
+    return job
+
+
 @pytest.mark.e2e
 def test_a_worker_killed_mid_job_has_its_study_re_run_and_its_sr_delivered_once(
     tmp_path: Path, orthanc: Orthanc, demo_model_dir: Path
@@ -106,13 +118,8 @@ def test_a_worker_killed_mid_job_has_its_study_re_run_and_its_sr_delivered_once(
         _stat(study)
         study_uid = str(pydicom.dcmread(study, stop_before_pixels=True).StudyInstanceUID)
         _send([study], settings.listener.port, "-xy")
-        running = _wait_for(
-            "the job to run",
-            lambda: (j := _latest_job(index, study_uid)) and j.status == JobStatus.RUNNING and j,
-            60,
-            log_path,
-        )
-        assert isinstance(running, JobRow) and running.worker is not None
+        running = _job_in(index, study_uid, JobStatus.RUNNING, 60, log_path)
+        assert running.worker is not None
         victim = int(running.worker.rsplit(":", 1)[1])
         assert victim in workers
         os.kill(victim, signal.SIGKILL)
@@ -122,13 +129,8 @@ def test_a_worker_killed_mid_job_has_its_study_re_run_and_its_sr_delivered_once(
             os.kill(pid, signal.SIGKILL if parent == victim else signal.SIGCONT)
         stopped.clear()
 
-        done = _wait_for(
-            "the job to be re-run and done",
-            lambda: (j := _latest_job(index, study_uid)) and j.status == JobStatus.DONE and j,
-            60,
-            log_path,
-        )
-        assert isinstance(done, JobRow) and done.result is not None
+        done = _job_in(index, study_uid, JobStatus.DONE, 60, log_path)
+        assert done.result is not None
         orthanc.wait_for_sop(done.result["sr_sop_instance_uid"], timeout=30)
         seconds = time.monotonic() - killed_at
         print(f"\nSTAT study re-run and SR delivered {seconds:.1f} s after kill -9 of its worker")
@@ -177,13 +179,8 @@ def test_an_image_that_kills_its_worker_three_times_is_dead_lettered_and_stat_is
         _stat(killer)
         killer_uid = str(pydicom.dcmread(killer, stop_before_pixels=True).StudyInstanceUID)
         _send([killer], settings.listener.port, "-xs")
-        dead = _wait_for(
-            "the job to be dead-lettered",
-            lambda: (j := _latest_job(index, killer_uid)) and j.status == JobStatus.DEAD and j,
-            120,
-            log_path,
-        )
-        assert isinstance(dead, JobRow)
+        dead = _job_in(index, killer_uid, JobStatus.DEAD, 120, log_path)
+
         assert dead.losses == 3 and dead.attempts == 3
         assert "its worker died 3 times while running it" in (dead.error or "")
         assert "killed by SIGABRT" in (dead.error or "")
@@ -193,13 +190,8 @@ def test_an_image_that_kills_its_worker_three_times_is_dead_lettered_and_stat_is
             _stat(path)
         next_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         _send(files, settings.listener.port)
-        done = _wait_for(
-            "the next STAT study's job",
-            lambda: (j := _latest_job(index, next_uid)) and j.status == JobStatus.DONE and j,
-            120,
-            log_path,
-        )
-        assert isinstance(done, JobRow) and done.result is not None
+        done = _job_in(index, next_uid, JobStatus.DONE, 120, log_path)
+        assert done.result is not None
         orthanc.wait_for_sop(done.result["sr_sop_instance_uid"], timeout=30)
         # Nothing runs the dead job again.
         time.sleep(2)

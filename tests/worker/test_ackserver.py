@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from dicom_node.index import Index
-from tests.servers import MllpReceiver, free_port
+from tests.servers import MllpReceiver, connect_from, free_port, seconds_until_closed
 from worker.ackserver import AckServer, ack_url
 from worker.alerting import AlertDispatcher, raise_alerts
 from worker.demo.sink import WebhookSink
@@ -177,28 +177,6 @@ def test_the_hl7_message_carries_the_link(index: Index, settings: AlertSettings)
 # --- hostile clients ------------------------------------------------------------------------------
 
 
-def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    sock.settimeout(10)
-    return sock
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> float:
-    """Seconds until the server closed ``sock`` (read end of file or reset); fails after ``seconds``."""
-    start = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(4096):
-            pass
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"connection still open after {seconds} s")
-    finally:
-        sock.close()
-    return time.monotonic() - start
-
-
 @pytest.fixture
 def bounded(index: Index, settings: AlertSettings) -> Iterator[AckServer]:
     settings.ack.request_timeout_s = 1.0
@@ -212,10 +190,10 @@ def test_idle_and_trickling_requests_are_closed_by_the_deadline_while_others_are
     index: Index, settings: AlertSettings, bounded: AckServer, webhook_sink: WebhookSink
 ) -> None:
     link = _delivered_link(index, settings, webhook_sink)
-    idle = _connect(bounded.port, "127.0.0.2")
-    half = _connect(bounded.port, "127.0.0.2")
+    idle = connect_from(bounded.port, "127.0.0.2")
+    half = connect_from(bounded.port, "127.0.0.2")
     half.sendall(b"GET /alerts/1/ack?tok")  # a request line that never ends
-    trickle = _connect(bounded.port, "127.0.0.3")
+    trickle = connect_from(bounded.port, "127.0.0.3")
     started = time.monotonic()
     # One byte every 0.3 s: each read returns before the read timeout, the request never ends.
     for byte in b"GET /alerts/1/ack HTTP/1.0\r\n":
@@ -230,13 +208,13 @@ def test_idle_and_trickling_requests_are_closed_by_the_deadline_while_others_are
     status, _ = _request(link + "&by=dr.house&confirm=1")
     assert status == 200, "a real request is served beside them"
     for sock in (idle, half, trickle):
-        assert _closed_within(sock, 3.0) < 3.0
+        assert seconds_until_closed(sock, 3.0) < 3.0
     assert index.list_alerts()[0]["acknowledged_by"] == "dr.house"
 
 
 def test_a_negative_or_huge_content_length_is_refused_at_once(bounded: AckServer) -> None:
     for length, status in (("-1", 400), ("abc", 400), ("99999999", 413)):
-        sock = _connect(bounded.port)
+        sock = connect_from(bounded.port, "127.0.0.1")
         sock.sendall(f"POST /alerts/1/ack HTTP/1.0\r\nContent-Length: {length}\r\n\r\n".encode())
         started = time.monotonic()
         reply = sock.recv(4096).decode()
@@ -249,10 +227,10 @@ def test_connections_beyond_the_per_address_limit_are_closed_and_others_still_se
     index: Index, settings: AlertSettings, bounded: AckServer, webhook_sink: WebhookSink
 ) -> None:
     link = _delivered_link(index, settings, webhook_sink)
-    held = [_connect(bounded.port, "127.0.0.2") for _ in range(3)]
+    held = [connect_from(bounded.port, "127.0.0.2") for _ in range(3)]
     time.sleep(0.2)  # let the server take them
-    extra = _connect(bounded.port, "127.0.0.2")
-    assert _closed_within(extra, 0.5) < 0.5, "a fourth connection from the address is closed"
+    extra = connect_from(bounded.port, "127.0.0.2")
+    assert seconds_until_closed(extra, 0.5) < 0.5, "a fourth connection from the address is closed"
     assert _request(link)[0] == 200, "another address is served"
     for sock in held:
         sock.close()
@@ -261,7 +239,7 @@ def test_connections_beyond_the_per_address_limit_are_closed_and_others_still_se
 def test_a_client_that_drops_mid_request_leaves_no_traceback_on_stderr(
     bounded: AckServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    sock = _connect(bounded.port)
+    sock = connect_from(bounded.port, "127.0.0.1")
     sock.sendall(b"GET /alerts/1/a")
     # Reset, not close: the server's read fails with ECONNRESET.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
