@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import re
@@ -18,6 +17,7 @@ import shutil
 import sys
 import threading
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -373,6 +373,8 @@ class Spool:
         # Beside the spool, not in it: the spool holds instances and nothing else.
         self.locks = locks if locks is not None else root.with_name(f"{root.name}-locks")
         self.locks.mkdir(parents=True, exist_ok=True)
+        self._bucket_locks = [threading.Lock() for _ in range(LOCK_BUCKETS)]
+        self._lock_fds: dict[int, int] = {}
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
@@ -386,13 +388,26 @@ class Spool:
 
         Two associations keeping the same instance at the same moment (in two listener
         processes, say) would otherwise each find no file, publish, and write the index row:
-        the row could then describe the copy that the other rename replaced. An ``flock`` on a
-        lock file (one of ``LOCK_BUCKETS``, by the UID's hash) serialises them: the second
-        finds the first's file and row and keeps or replaces it as configured. Each call opens
-        its own descriptor, so threads of one process exclude each other too.
+        the row could then describe the copy that the other rename replaced. The UID's bucket
+        (one of ``LOCK_BUCKETS``, by a hash) is locked with a thread lock, for the threads of this
+        process, and an ``flock`` on the bucket's lock file, for the other processes; the second
+        keeper then finds the first's file and row and keeps or replaces it as configured.
         """
-        bucket = hashlib.blake2b(sop_uid.encode(), digest_size=2).digest()
-        path = self.locks / f"{int.from_bytes(bucket) % LOCK_BUCKETS:03d}"
+        bucket = zlib.crc32(sop_uid.encode()) % LOCK_BUCKETS
+        with self._bucket_locks[bucket]:
+            fd = self._lock_file(bucket)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_file(self, bucket: int) -> int:
+        """The descriptor of a bucket's lock file, opened once (its thread lock held)."""
+        fd = self._lock_fds.get(bucket)
+        if fd is not None:
+            return fd
+        path = self.locks / f"{bucket:03d}"
         try:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
@@ -401,11 +416,8 @@ class Spool:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         except OSError as exc:
             raise OutOfResources(f"cannot lock the instance: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        self._lock_fds[bucket] = fd
+        return fd
 
     def check_space(self) -> None:
         """Raise ``OutOfResources`` when the disk is above the configured watermark."""
