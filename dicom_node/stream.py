@@ -34,6 +34,7 @@ import enum
 import functools
 import logging
 import select
+import socket
 import ssl
 import struct
 import time
@@ -141,6 +142,23 @@ class NegotiationTimeout(TimeoutError):
     """The peer did not finish associating within the ACSE timeout of its connection."""
 
 
+def _bound_by_the_kernel(sock: socket.socket, timeout: float | None) -> None:
+    """Blocking reads and writes that the kernel ends after ``timeout`` seconds (None: never).
+
+    Python's own socket timeout polls before every read: for the many reads of a stream of
+    C-STOREs that was about a tenth of the listener's CPU. SO_RCVTIMEO/SO_SNDTIMEO cost nothing
+    per read; a read that times out fails with EAGAIN, which ends the association like any
+    other transport error.
+    """
+    sock.settimeout(None)
+    if timeout is None:
+        return
+    seconds = int(timeout)
+    value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
 class BulkReadSocket(AssociationSocket):
     """pynetdicom's socket, reading a PDU in large ``recv_into`` calls instead of 4 KiB pieces.
 
@@ -149,21 +167,22 @@ class BulkReadSocket(AssociationSocket):
     over): a peer that sends half a request, or a byte now and then, or nothing at all (not
     even a TLS ClientHello), is closed then, whoever it claims to be. pynetdicom's reader
     blocks in its read and never looks at its timers, so without this such a peer would hold
-    its association slot for as long as it liked. Afterwards each read waits at most the
-    network timeout for the next bytes. Writes wait as long as the last read could.
+    its association slot for as long as it liked. Afterwards each read and write waits at most
+    the network timeout (``_bound_by_the_kernel``).
     """
 
     negotiation_deadline: float | None = None
     _negotiated = False
 
     def _bound_next_read(self) -> None:
+        if self._negotiated:
+            return
         sock = self.socket
         if sock is None:
             return
-        if not self._negotiated and self.assoc.is_established:
+        if self.assoc.is_established or self.negotiation_deadline is None:
             self._negotiated = True
-        if self._negotiated or self.negotiation_deadline is None:
-            sock.settimeout(self.assoc.network_timeout)
+            _bound_by_the_kernel(sock, self.assoc.network_timeout)
             return
         left = self.negotiation_deadline - time.monotonic()
         if left <= 0:
