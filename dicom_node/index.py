@@ -1095,12 +1095,16 @@ class Index:
             heartbeat < silent_since,
             sa.and_(heartbeat.is_(None), jobs.c.started_at < silent_since),
         )
+        lost_jobs = sa.select(jobs).where(
+            jobs.c.status == JobStatus.RUNNING, jobs.c.worker.is_not(None), lost_worker
+        )
+        # The assembler asks on every pass: a look first, so that nothing is written (nor a
+        # write lock taken) when, as nearly always, no worker is lost.
+        with self._read() as conn:
+            if conn.execute(lost_jobs.limit(1)).first() is None:
+                return []
         with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(jobs)
-                .where(jobs.c.status == JobStatus.RUNNING, jobs.c.worker.is_not(None), lost_worker)
-                .with_for_update()
-            ).all()
+            rows = conn.execute(lost_jobs.with_for_update()).all()
             lost = [
                 self._lose(
                     conn,
