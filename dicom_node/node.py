@@ -185,6 +185,7 @@ class DicomNode:
         self.assembler.stop()
         self.queue.close()
         self.index.close()
+        self.spool.close()
         self._stopped.set()
 
     def wait(self) -> None:

@@ -198,6 +198,7 @@ def _child(channel: socket.socket, config_json: str, max_associations: int) -> N
                 tell(_line(DONE, peer))
     _drain(server, DRAIN_SECONDS if orderly else 0.0)
     scp.index.close()
+    scp.spool.close()
 
 
 def _line(kind: bytes, peer: str) -> bytes:

@@ -402,6 +402,12 @@ class Spool:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def close(self) -> None:
+        """Close the lock files (the spool itself needs no closing)."""
+        for bucket in list(self._lock_fds):
+            with self._bucket_locks[bucket]:
+                os.close(self._lock_fds.pop(bucket))
+
     def _lock_file(self, bucket: int) -> int:
         """The descriptor of a bucket's lock file, opened once (its thread lock held)."""
         fd = self._lock_fds.get(bucket)
