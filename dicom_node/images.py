@@ -1,8 +1,8 @@
 """What an image declares about its pixels, checked against the site's limits before decoding.
 
 The listener checks it at receipt from the values its structural walk kept; the worker checks it
-again from the header before any decoder sees the pixel data. Both use ``invalid_geometry`` and
-``declared_size_problem``.
+again from the header before any decoder sees the pixel data. Both use
+``geometry_problem``.
 """
 
 from __future__ import annotations
@@ -64,4 +64,23 @@ def declared_size_problem(geometry: Geometry, limits: ImageSettings) -> str | No
             f"{g.rows} x {g.columns} x {g.samples_per_pixel} x {g.bits_allocated} bits), above "
             f"images.max_decoded_bytes ({limits.max_decoded_bytes:,})"
         )
+    return None
+
+
+@dataclass(frozen=True)
+class GeometryProblem:
+    """Why an image is not to be decoded: no image has its geometry, or it is above the limits."""
+
+    reason: str
+    too_large: bool
+
+
+def geometry_problem(geometry: Geometry, limits: ImageSettings) -> GeometryProblem | None:
+    """``invalid_geometry``, then ``declared_size_problem``, as one verdict (None: decode it)."""
+    invalid = invalid_geometry(geometry)
+    if invalid is not None:
+        return GeometryProblem(f"the image {invalid}", too_large=False)
+    above = declared_size_problem(geometry, limits)
+    if above is not None:
+        return GeometryProblem(f"the image {above}", too_large=True)
     return None

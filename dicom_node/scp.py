@@ -29,7 +29,7 @@ from pynetdicom.dimse_primitives import C_STORE, N_EVENT_REPORT
 from pynetdicom.events import Event
 
 from dicom_node.errors import CorruptDataset, DatasetMismatch, ImageRefused, OutOfResources
-from dicom_node.images import Geometry, declared_size_problem, invalid_geometry
+from dicom_node.images import Geometry, geometry_problem
 from dicom_node.index import Index, InstanceRecord
 from dicom_node.quarantine import Quarantine, split_file
 from dicom_node.scu import STORAGE_COMMITMENT
@@ -145,12 +145,11 @@ def _check_declared_pixels(layout: Layout, images: ImageSettings) -> None:
         samples_per_pixel=layout.us(SAMPLES_PER_PIXEL) or 1,
         bits_allocated=bits,
     )
-    problem = invalid_geometry(geometry)
+    problem = geometry_problem(geometry, images)
+    if problem is not None and problem.too_large:
+        raise ImageRefused(f"{problem.reason}: no pipeline would decode it")
     if problem is not None:
-        raise DatasetMismatch(f"the image {problem}")
-    problem = declared_size_problem(geometry, images)
-    if problem is not None:
-        raise ImageRefused(f"the image {problem}: no pipeline would decode it")
+        raise DatasetMismatch(problem.reason)
 
 
 def _is_stat(priority: bytes) -> bool:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from dicom_node.assembly import StudyAssembler
-from dicom_node.index import Index, InstanceRecord, JobStatus
+from dicom_node.index import Index, JobStatus
 from dicom_node.queue import JobQueue
 from dicom_node.settings import CompletionSettings, QueueSettings
+from tests.dicom_node.test_index import _running_job
 from worker.heartbeat import Heartbeat, worker_id
 
 
@@ -23,30 +24,6 @@ def index(tmp_path: Path) -> Iterator[Index]:
     idx = Index(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     yield idx
     idx.close()
-
-
-def _running_job(index: Index, study: str, worker: str, at: float) -> str:
-    index.record_instance(
-        InstanceRecord(
-            sop_instance_uid=study + ".1.1",
-            study_instance_uid=study,
-            series_instance_uid=study + ".1",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            modality="CR",
-            path=f"/spool/{study}.dcm",
-            size_bytes=10,
-            calling_aet="MODALITY",
-            received_at=at,
-        ),
-        urgent=True,
-        complete_after=at,
-    )
-    job_id = index.create_job(study, "cxr", "stat", now=at)
-    assert job_id is not None
-    index.mark_job_enqueued(job_id, at)
-    index.start_job(job_id, at, worker=worker)
-    return job_id
 
 
 def _dead_pid() -> int:

@@ -40,7 +40,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.images import Geometry, declared_size_problem, invalid_geometry
+from dicom_node.images import Geometry, geometry_problem
 from dicom_node.settings import ImageSettings
 from worker.findings import DecodedImage
 
@@ -316,12 +316,11 @@ def check_declared_size(ds: Dataset, limits: ImageSettings) -> Geometry:
     """Raise ``UnsupportedImage`` for a geometry no image has, ``ImageTooLarge`` for one above
     ``limits``; return the geometry otherwise."""
     declared = geometry(ds)
-    invalid = invalid_geometry(declared)
-    if invalid is not None:
-        raise UnsupportedImage(f"not decoded: the image {invalid}")
-    problem = declared_size_problem(declared, limits)
+    problem = geometry_problem(declared, limits)
     if problem is not None:
-        raise ImageTooLarge(f"not decoded: the image {problem}")
+        raise (ImageTooLarge if problem.too_large else UnsupportedImage)(
+            f"not decoded: {problem.reason}"
+        )
     return declared
 
 
